@@ -1,0 +1,63 @@
+"""fastworker-fastapi: background tasks for FastAPI and Starlette on FastWorker.
+
+One extension, no broker: `FastWorker(app)` starts workers with the app's lifespan, routes
+get FastWorker's Client API by dependency injection, `@background_task` registers tasks.
+"""
+
+from fastworker.tasks.models import TaskPriority, TaskResult, TaskStatus
+
+from fastworker_fastapi.client import TaskClient
+from fastworker_fastapi.dependencies import TaskClientDep, get_fastworker
+from fastworker_fastapi.errors import (
+    CapacityError,
+    ConfigurationError,
+    FastWorkerError,
+    InvalidTaskArgumentsError,
+    InvalidTaskOptionsError,
+    NotRunningError,
+    QueueFullError,
+    ShuttingDownError,
+    SubmissionError,
+    TaskAlreadyFinishedError,
+    TaskFailed,
+    TaskNotFoundError,
+    UnknownTaskError,
+    WaitTimeoutError,
+)
+from fastworker_fastapi.extension import FastWorker
+from fastworker_fastapi.models import CallbackState, TaskInfo, TaskList
+from fastworker_fastapi.tasks import BackgroundTask, TaskCall, background_task
+from fastworker_fastapi.workers import InProcessWorkers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackgroundTask",
+    "CallbackState",
+    "CapacityError",
+    "ConfigurationError",
+    "FastWorker",
+    "FastWorkerError",
+    "InProcessWorkers",
+    "InvalidTaskArgumentsError",
+    "InvalidTaskOptionsError",
+    "NotRunningError",
+    "QueueFullError",
+    "ShuttingDownError",
+    "SubmissionError",
+    "TaskAlreadyFinishedError",
+    "TaskCall",
+    "TaskClient",
+    "TaskClientDep",
+    "TaskFailed",
+    "TaskInfo",
+    "TaskList",
+    "TaskNotFoundError",
+    "TaskPriority",
+    "TaskResult",
+    "TaskStatus",
+    "UnknownTaskError",
+    "WaitTimeoutError",
+    "background_task",
+    "get_fastworker",
+]

@@ -1,0 +1,346 @@
+"""`TaskClient`: FastWorker's Client API, served by this app's scheduler and store.
+
+Code written for `fastworker.clients.Client` runs unchanged: the same method names,
+arguments, return types and models (`TaskPriority`, `TaskStatus`, `TaskResult`). What
+differs is what happens behind them: submissions are validated up front (unknown names,
+arguments that are not JSON, bad options raise at once instead of failing later), nothing
+blocks the event loop, and results never get lost or mixed up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, TaskStatus
+
+from fastworker_fastapi.errors import (
+    InvalidTaskArgumentsError,
+    InvalidTaskOptionsError,
+    NotRunningError,
+    TaskAlreadyFinishedError,
+    TaskNotFoundError,
+    UnknownTaskError,
+    WaitTimeoutError,
+)
+from fastworker_fastapi.models import TaskInfo
+from fastworker_fastapi.store import TaskRecord, TaskStore, utcnow
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from fastworker_fastapi.scheduler import Scheduler
+
+__all__ = ["TaskClient", "parse_priority"]
+
+_PRIORITIES = {p.value: p for p in TaskPriority}
+_BATCH_KEYS = frozenset({"task_name", "args", "kwargs", "priority", "eta", "countdown"})
+
+
+def parse_priority(priority: TaskPriority | str) -> TaskPriority:
+    """The enum itself, or its value in any case (`"high"`, `"HIGH"`)."""
+    if isinstance(priority, TaskPriority):
+        return priority
+    if isinstance(priority, str):
+        found = _PRIORITIES.get(priority.lower())
+        if found is not None:
+            return found
+    raise InvalidTaskOptionsError(
+        f"unknown priority {priority!r}; use one of {', '.join(_PRIORITIES)} "
+        "or fastworker.tasks.models.TaskPriority"
+    )
+
+
+class TaskClient:
+    """Submit tasks and read their results: FastWorker's `Client` API.
+
+    Get it in a route with `client: TaskClientDep` (or `Depends(get_fastworker)`), or as
+    `fw.client`. It works while the app's lifespan runs; results stay readable after.
+    """
+
+    def __init__(self) -> None:
+        self._scheduler: Scheduler | None = None
+        self._store: TaskStore | None = None
+        self._validate_callback: Callable[[str], None] | None = None
+
+    def _bind(
+        self,
+        scheduler: Scheduler,
+        store: TaskStore,
+        validate_callback: Callable[[str], None] | None = None,
+    ) -> None:
+        self._scheduler = scheduler
+        self._store = store
+        self._validate_callback = validate_callback
+
+    @property
+    def running(self) -> bool:
+        """True while tasks are accepted."""
+        return self._scheduler is not None and self._scheduler.accepting
+
+    @property
+    def started(self) -> bool:
+        """True once the extension has started (results stay readable after shutdown)."""
+        return self._store is not None
+
+    @property
+    def store(self) -> TaskStore:
+        if self._store is None:
+            raise NotRunningError(
+                "the FastWorker extension has not started: run the app's lifespan first "
+                "(uvicorn does; in tests use asgi_lifespan.LifespanManager or "
+                "`with TestClient(app)`)"
+            )
+        return self._store
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            self.store  # noqa: B018 - raises the explanatory error
+        assert self._scheduler is not None
+        return self._scheduler
+
+    # -- FastWorker's API -----------------------------------------------------------------
+
+    async def submit_task(
+        self,
+        task_name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        priority: TaskPriority | str | None = None,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+    ) -> TaskResult:
+        """Submit a task and wait until it finishes; returns its final `TaskResult`."""
+        task_id = await self._submit(
+            task_name, args, kwargs or {}, priority=priority, eta=eta, countdown=countdown
+        )
+        return await self.wait(task_id)
+
+    async def delay(
+        self,
+        task_name: str,
+        *args: Any,
+        priority: TaskPriority | str | None = None,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Submit a task and return its id at once (the task runs in the background)."""
+        return await self._submit(
+            task_name, args, kwargs, priority=priority, eta=eta, countdown=countdown
+        )
+
+    async def delay_with_callback(
+        self,
+        task_name: str,
+        callback_address: str,
+        *args: Any,
+        callback_data: dict[str, Any] | None = None,
+        priority: TaskPriority | str | None = None,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Like `delay`, and deliver a completion message to `callback_address` at the end."""
+        return await self._submit(
+            task_name,
+            args,
+            kwargs,
+            priority=priority,
+            eta=eta,
+            countdown=countdown,
+            callback_address=callback_address,
+            callback_data=callback_data,
+        )
+
+    async def submit_batch(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        default_priority: TaskPriority | str = TaskPriority.NORMAL,
+    ) -> list[str]:
+        """Submit several tasks at once: all are accepted, or none (the error says why).
+
+        Each item is a dict with `task_name` and optionally `args`, `kwargs`, `priority`,
+        `eta` and `countdown`, as in FastWorker.
+        """
+        scheduler = self.scheduler
+        prepared: list[tuple[TaskRecord, float]] = []
+        for index, spec in enumerate(tasks):
+            unknown = set(spec) - _BATCH_KEYS
+            if "task_name" not in spec or unknown:
+                raise InvalidTaskOptionsError(
+                    f"batch item {index}: needs 'task_name' and only "
+                    f"{sorted(_BATCH_KEYS)}; got {sorted(spec)}"
+                )
+            prepared.append(
+                self._prepare(
+                    spec["task_name"],
+                    spec.get("args", ()),
+                    spec.get("kwargs") or {},
+                    priority=spec.get("priority", default_priority),
+                    eta=spec.get("eta"),
+                    countdown=spec.get("countdown"),
+                )
+            )
+        scheduler.check_capacity(len(prepared))
+        for record, delay in prepared:
+            scheduler.submit(record, delay)
+        return [record.id for record, _ in prepared]
+
+    async def get_task_result(self, task_id: str) -> TaskResult | None:
+        """`None` for an unknown id; status `PENDING` until the task is final; then final."""
+        return self.get_result(task_id)
+
+    def get_result(self, task_id: str) -> TaskResult | None:
+        """The same as `get_task_result`, without awaiting (FastWorker's `get_result`)."""
+        record = self.store.get(task_id)
+        return None if record is None else record.to_task_result()
+
+    def get_status(self, task_id: str) -> TaskStatus | None:
+        """The fine status (`QUEUED`, `RUNNING`, `RETRYING`...), or None for an unknown id."""
+        record = self.store.get(task_id)
+        return None if record is None else record.status
+
+    def get_info(self, task_id: str) -> TaskInfo | None:
+        """Everything known about a task (what `GET /tasks/{task_id}` shows), or None."""
+        record = self.store.get(task_id)
+        return None if record is None else TaskInfo.from_record(record)
+
+    async def cancel_task(self, task_id: str) -> bool:
+        """Cancel a task; False when it is unknown or already finished (as FastWorker)."""
+        try:
+            self.scheduler.cancel(task_id)
+        except (TaskNotFoundError, TaskAlreadyFinishedError):
+            return False
+        return True
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        """Wait for a task's final `TaskResult`; `WaitTimeoutError` after `timeout` seconds."""
+        record = self.store.get(task_id)
+        if record is None:
+            raise TaskNotFoundError(f"no task with id {task_id!r} (unknown or expired)")
+        if not record.finished:
+            if record.done is None:
+                record.done = anyio.Event()
+            with anyio.move_on_after(timeout) as scope:
+                await record.done.wait()
+            if scope.cancelled_caught:
+                raise WaitTimeoutError(
+                    f"task {task_id} did not finish within {timeout:g}s "
+                    f"(status {record.status.value!r}); it goes on running"
+                )
+        return record.to_task_result()
+
+    # -- submission -----------------------------------------------------------------------
+
+    async def _submit(
+        self,
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        priority: TaskPriority | str | None,
+        eta: datetime | None,
+        countdown: float | None,
+        callback_address: str | None = None,
+        callback_data: dict[str, Any] | None = None,
+    ) -> str:
+        scheduler = self.scheduler
+        record, delay = self._prepare(
+            task_name,
+            args,
+            kwargs,
+            priority=priority,
+            eta=eta,
+            countdown=countdown,
+            callback_address=callback_address,
+            callback_data=callback_data,
+        )
+        scheduler.check_capacity()
+        scheduler.submit(record, delay)
+        return record.id
+
+    def _prepare(
+        self,
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        priority: TaskPriority | str | None,
+        eta: datetime | None,
+        countdown: float | None,
+        callback_address: str | None = None,
+        callback_data: dict[str, Any] | None = None,
+    ) -> tuple[TaskRecord, float]:
+        """Validate everything and build the record; raises before anything is recorded."""
+        scheduler = self.scheduler
+        definition = scheduler.executor.resolve(task_name)
+        if definition is None:
+            raise UnknownTaskError(
+                f"no task registered under {task_name!r}; register it with "
+                "@background_task (or fastworker's @task) in a module the app imports"
+            )
+        level = definition.priority if priority is None else parse_priority(priority)
+        delay, eta_utc = _schedule(eta, countdown)
+        try:
+            encoded = json.dumps((args, kwargs), allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise InvalidTaskArgumentsError(
+                f"arguments of task {task_name!r} must be JSON-serialisable so that they can "
+                f"also travel to remote workers: {exc}"
+            ) from None
+        wire_args, wire_kwargs = json.loads(encoded)
+        callback = None
+        if callback_address is not None:
+            if not isinstance(callback_address, str) or not callback_address:
+                raise InvalidTaskOptionsError("callback_address must be a non-empty string")
+            if self._validate_callback is not None:
+                self._validate_callback(callback_address)
+            if callback_data is not None:
+                try:
+                    callback_data = json.loads(json.dumps(callback_data, allow_nan=False))
+                except (TypeError, ValueError) as exc:
+                    raise InvalidTaskArgumentsError(
+                        f"callback_data must be JSON-serialisable: {exc}"
+                    ) from None
+            callback = CallbackInfo(address=callback_address, data=callback_data)
+        record = TaskRecord(
+            id=str(uuid.uuid4()),
+            name=definition.name,
+            args=wire_args,
+            kwargs=wire_kwargs,
+            priority=level,
+            policy=definition.policy,
+            status=TaskStatus.PENDING,
+            created_at=utcnow(),
+            eta=eta_utc,
+            callback=callback,
+        )
+        return record, delay
+
+
+def _schedule(eta: datetime | None, countdown: float | None) -> tuple[float, datetime | None]:
+    """Seconds to wait and the absolute eta (aware UTC); naive etas are local time."""
+    if eta is None and countdown is None:
+        return 0.0, None
+    if eta is not None and countdown is not None:
+        raise InvalidTaskOptionsError("give eta or countdown, not both")
+    now = utcnow()
+    if countdown is not None:
+        if isinstance(countdown, bool) or not isinstance(countdown, int | float):
+            raise InvalidTaskOptionsError(f"countdown must be a number, got {countdown!r}")
+        if not math.isfinite(countdown) or countdown < 0:
+            raise InvalidTaskOptionsError(
+                f"countdown must be a finite number of seconds >= 0, got {countdown!r}"
+            )
+        return float(countdown), now + timedelta(seconds=countdown)
+    if not isinstance(eta, datetime):
+        raise InvalidTaskOptionsError(f"eta must be a datetime, got {eta!r}")
+    eta_utc = eta.astimezone(UTC)
+    return (eta_utc - now).total_seconds(), eta_utc

@@ -1,0 +1,201 @@
+"""`FastWorker`: attach background tasks to a FastAPI (or Starlette) app.
+
+```
+app lifespan ──► your lifespan start-up ──► FastWorker start-up ──► serve requests
+                                            (executor, scheduler,
+                                             workers in a task group)
+app shutdown ◄── your lifespan shutdown ◄── FastWorker drain ◄──────┘
+                                            (refuse new tasks, finish running ones
+                                             within shutdown_timeout, cancel the rest)
+```
+
+Workers start after the app's own start-up and stop before its shutdown, so tasks can use
+whatever the app's lifespan opens (database pools, HTTP clients) for their whole life.
+Nothing is global: each extension owns its client, store, scheduler and routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fastworker_fastapi import _context
+from fastworker_fastapi.client import TaskClient
+from fastworker_fastapi.errors import ConfigurationError, FastWorkerError
+from fastworker_fastapi.events import EventHub
+from fastworker_fastapi.routes import build_router
+from fastworker_fastapi.scheduler import Scheduler
+from fastworker_fastapi.store import TaskStore
+from fastworker_fastapi.tasks import TaskRegistry, registry
+from fastworker_fastapi.workers.inprocess import InProcessWorkers
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+    from fastapi.params import Depends as DependsParam
+    from starlette.applications import Starlette
+
+    from fastworker_fastapi.workers.base import WorkerSettings
+
+__all__ = ["FastWorker"]
+
+logger = logging.getLogger("fastworker_fastapi")
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+
+
+class FastWorker:
+    """Background tasks for one app, started and drained by the app's lifespan.
+
+    `FastWorker(app)` attaches at once; `fw = FastWorker(...)` then `fw.init_app(app)` suits
+    app factories. Options:
+
+    - `workers`: `InProcessWorkers(concurrency=8)` (the default) or `RemoteWorkers(...)`;
+    - `prefix`: where the status routes go (`"/tasks"`); `None` mounts none;
+    - `route_dependencies`: dependencies guarding every status route (auth);
+    - `result_ttl`, `max_results`: how long and how many finished tasks are kept;
+    - `max_pending`: how many unfinished tasks may wait; beyond it submissions get 503;
+    - `shutdown_timeout`: how long shutdown waits for running and queued tasks;
+    - `exception_handlers`: answer this package's errors with their HTTP status and a
+      `detail` (on by default).
+    """
+
+    def __init__(
+        self,
+        app: Starlette | None = None,
+        *,
+        workers: WorkerSettings | None = None,
+        prefix: str | None = "/tasks",
+        route_dependencies: Sequence[DependsParam] = (),
+        result_ttl: float = 3600.0,
+        max_results: int = 10_000,
+        max_pending: int = 10_000,
+        shutdown_timeout: float = 30.0,
+        exception_handlers: bool = True,
+        include_in_schema: bool = True,
+        tags: Sequence[str] = ("tasks",),
+        task_registry: TaskRegistry | None = None,
+    ) -> None:
+        _require(result_ttl > 0 and math.isfinite(result_ttl), "result_ttl must be > 0")
+        _require(max_results >= 1, "max_results must be >= 1")
+        _require(max_pending >= 1, "max_pending must be >= 1")
+        _require(shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
+        if prefix is not None and (not prefix.startswith("/") or prefix.endswith("/")):
+            raise ConfigurationError(
+                f"prefix must start with '/' and not end with one, got {prefix!r}"
+            )
+        self.workers: WorkerSettings = workers if workers is not None else InProcessWorkers()
+        self.prefix = prefix
+        self.route_dependencies = tuple(route_dependencies)
+        self.result_ttl = result_ttl
+        self.max_results = max_results
+        self.max_pending = max_pending
+        self.shutdown_timeout = shutdown_timeout
+        self.exception_handlers = exception_handlers
+        self.include_in_schema = include_in_schema
+        self.tags = tuple(tags)
+        self.registry = task_registry if task_registry is not None else registry
+        self.client = TaskClient()
+        self.app: Starlette | None = None
+        if app is not None:
+            self.init_app(app)
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def init_app(self, app: Starlette) -> None:
+        """Attach to `app`: chain its lifespan, add the status routes and error handlers."""
+        if self.app is not None:
+            raise ConfigurationError("this FastWorker is already attached to an app")
+        if getattr(app.state, "fastworker", None) is not None:
+            raise ConfigurationError(
+                "this app already has a FastWorker extension; attach only one per app"
+            )
+        self.app = app
+        app.state.fastworker = self
+        app.router.lifespan_context = self._chain(app.router.lifespan_context)  # type: ignore[assignment]
+        app.add_middleware(_BindClientMiddleware, client=self.client)
+        if self.exception_handlers:
+            app.add_exception_handler(FastWorkerError, _error_response)
+        if self.prefix is not None:
+            router = build_router(self, self.prefix, self.route_dependencies)
+            if isinstance(app, FastAPI):
+                app.include_router(router, include_in_schema=self.include_in_schema)
+            else:  # plain Starlette: APIRoutes are Starlette routes with DI built in
+                app.router.routes.extend(router.routes)
+
+    def _add_fixed_routes(self, router: APIRouter) -> None:
+        """Routes with fixed paths under the prefix; added before `/{task_id}`."""
+
+    def _chain(self, original: Lifespan) -> Lifespan:
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
+            async with original(app) as state, self.run():
+                yield state
+
+        return lifespan
+
+    @asynccontextmanager
+    async def run(self) -> AsyncIterator[TaskClient]:
+        """Start the workers, yield the client, then drain; the lifespan uses this.
+
+        Also usable directly (scripts, tests) without an app.
+        """
+        if self.client.running:
+            raise ConfigurationError("this FastWorker is already running")
+        events = EventHub()
+        store = TaskStore(events=events, result_ttl=self.result_ttl, max_results=self.max_results)
+        executor = self.workers.build_executor(self.registry)
+        scheduler = Scheduler(executor, store, self.client, max_pending=self.max_pending)
+        async with anyio.create_task_group() as task_group:
+            try:
+                await executor.start(task_group)
+                scheduler.start(task_group)
+                self.client._bind(scheduler, store)
+                _context.mark_running(self.client)
+                logger.info("FastWorker started (%s)", type(self.workers).__name__)
+                yield self.client
+            finally:
+                _context.mark_stopped(self.client)
+                with anyio.CancelScope(shield=True):
+                    await scheduler.shutdown(self.shutdown_timeout)
+                    await executor.aclose()
+                    events.close()
+                task_group.cancel_scope.cancel()
+                logger.info("FastWorker stopped")
+
+
+class _BindClientMiddleware:
+    """Binds this app's client to the request's context, for `handle.delay()` and DI."""
+
+    def __init__(self, app: ASGIApp, client: TaskClient) -> None:
+        self.app = app
+        self.client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        token = _context.current_client.set(self.client)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _context.current_client.reset(token)
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FastWorkerError)
+    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(message)

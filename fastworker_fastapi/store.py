@@ -1,0 +1,176 @@
+"""The task store: the single source of truth for every task's state.
+
+Records are plain slotted dataclasses rather than pydantic models because a submission
+creates one on the hot path; they are turned into API models only when somebody reads them.
+Memory is bounded: live tasks are capped by the scheduler (`max_pending`), finished ones
+expire by age (`result_ttl`) and by count (`max_results`), oldest first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, TaskStatus
+
+if TYPE_CHECKING:
+    import anyio
+
+    from fastworker_fastapi.events import EventHub
+
+__all__ = ["FINAL_STATUSES", "TaskPolicy", "TaskRecord", "TaskStore"]
+
+FINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED})
+
+
+def utcnow() -> datetime:
+    """Aware UTC time: unambiguous in JSON, comparable across machines."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPolicy:
+    """How a task runs: the retry and timeout fields of fastworker's `Task`, same defaults."""
+
+    timeout: float | None = None
+    max_retries: int = 0
+    retry_delay: float = 60.0
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 3600.0
+
+    def retry_delay_for(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt + 1`, after `attempt` failed runs."""
+        delay = self.retry_delay * self.retry_backoff ** max(attempt - 1, 0)
+        return float(min(delay, self.retry_backoff_max))
+
+
+@dataclass(slots=True, eq=False)
+class CallbackDelivery:
+    """Where the delivery of a task's completion callback stands."""
+
+    state: str = "pending"  # pending | delivering | delivered | failed
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    delivery_id: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    """Everything known about one task; mutated only by the scheduler and its helpers."""
+
+    id: str
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    priority: TaskPriority
+    policy: TaskPolicy
+    status: TaskStatus
+    created_at: datetime
+    eta: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    attempts: int = 0
+    callback: CallbackInfo | None = None
+    delivery: CallbackDelivery | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+    # Runtime only: never shown, never serialised.
+    done: anyio.Event | None = field(default=None, repr=False)
+    cancel_scope: anyio.CancelScope | None = field(default=None, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    def to_task_result(self) -> TaskResult:
+        """FastWorker's view: `PENDING` until final, whatever the finer state."""
+        if self.status not in FINAL_STATUSES:
+            return TaskResult(task_id=self.id, status=TaskStatus.PENDING, callback=self.callback)
+        return TaskResult(
+            task_id=self.id,
+            status=self.status,
+            result=self.result,
+            error=self.error,
+            started_at=self.started_at,
+            completed_at=self.completed_at,
+            callback=self.callback,
+        )
+
+
+class TaskStore:
+    """In-memory records with bounded retention of finished tasks."""
+
+    def __init__(self, *, events: EventHub, result_ttl: float, max_results: int) -> None:
+        self.events = events
+        self.result_ttl = result_ttl
+        self.max_results = max_results
+        self._records: dict[str, TaskRecord] = {}
+        self._finished: OrderedDict[str, float] = OrderedDict()  # id -> monotonic finish time
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, record: TaskRecord) -> None:
+        self._records[record.id] = record
+        self.events.publish(record)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        self._expire()
+        return self._records.get(task_id)
+
+    def changed(self, record: TaskRecord) -> None:
+        """Tell subscribers that `record` changed (status, progress, delivery...)."""
+        self.events.publish(record)
+
+    def finished(self, record: TaskRecord) -> None:
+        """Record that a task reached a final status: wake waiters, start its expiry clock."""
+        self._finished[record.id] = time.monotonic()
+        if record.done is not None:
+            record.done.set()
+        self.events.publish(record)
+        self._expire()
+
+    def recent(
+        self,
+        *,
+        limit: int,
+        status: TaskStatus | None = None,
+        name: str | None = None,
+    ) -> list[TaskRecord]:
+        """Newest first, filtered."""
+        self._expire()
+        out: list[TaskRecord] = []
+        for record in reversed(self._records.values()):
+            if status is not None and record.status is not status:
+                continue
+            if name is not None and record.name != name:
+                continue
+            out.append(record)
+            if len(out) >= limit:
+                break
+        return out
+
+    def live(self) -> Iterator[TaskRecord]:
+        """Records that have not reached a final status yet."""
+        return (r for r in list(self._records.values()) if r.status not in FINAL_STATUSES)
+
+    def _expire(self) -> None:
+        finished = self._finished
+        if not finished:
+            return
+        deadline = time.monotonic() - self.result_ttl
+        records = self._records
+        while finished:
+            task_id, at = next(iter(finished.items()))
+            if len(finished) <= self.max_results and at > deadline:
+                break
+            finished.popitem(last=False)
+            records.pop(task_id, None)

@@ -1,0 +1,6 @@
+"""Where tasks run: in this process (the default) or on FastWorker control planes."""
+
+from fastworker_fastapi.workers.base import Executor, WorkerSettings
+from fastworker_fastapi.workers.inprocess import InProcessWorkers
+
+__all__ = ["Executor", "InProcessWorkers", "WorkerSettings"]

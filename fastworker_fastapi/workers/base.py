@@ -1,0 +1,51 @@
+"""The seam between the scheduler and whatever runs a task.
+
+An executor runs *one* task and reports its outcome: it returns the task's value, or raises
+the task's exception (or `TaskFailed` when the failure is known only as text). Everything
+else (queues, priorities, eta, retries, timeouts, cancellation, flow control) belongs to the
+scheduler, so both modes behave the same. Cancellation reaches an executor as ordinary
+anyio cancellation of its `run()` call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.tasks import TaskDefinition, TaskRegistry
+
+__all__ = ["Executor", "WorkerSettings"]
+
+
+class Executor(Protocol):
+    """Runs tasks for the scheduler."""
+
+    @property
+    def concurrency(self) -> int:
+        """How many tasks may run at once; the scheduler never exceeds it."""
+        ...
+
+    def resolve(self, name: str) -> TaskDefinition | None:
+        """The definition of a task this executor can run, or None (refused at submission)."""
+        ...
+
+    async def start(self, task_group: TaskGroup) -> None:
+        """Get ready to run tasks; background loops go in `task_group`."""
+        ...
+
+    async def run(self, record: TaskRecord) -> Any:
+        """Run one attempt of the task and return its value (or raise its error)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything; called after the scheduler has drained."""
+        ...
+
+
+class WorkerSettings(Protocol):
+    """What `FastWorker(workers=...)` takes: a small settings object that builds an executor."""
+
+    def build_executor(self, registry: TaskRegistry) -> Executor: ...
