@@ -139,7 +139,7 @@ async def test_wait_timeout_and_unknown_ids() -> None:
     async with serve(app):
         client = fw.client
         task_id = await client.delay("cl_wait", "wait")
-        with pytest.raises(WaitTimeoutError, match="did not finish within 0.05s"):
+        with pytest.raises(WaitTimeoutError, match=r"did not finish within 0\.05s"):
             await client.wait(task_id, timeout=0.05)
         with pytest.raises(TaskNotFoundError):
             await client.wait("missing")

@@ -15,8 +15,8 @@ from starlette.routing import Route
 from fastworker_fastapi import (
     ConfigurationError,
     FastWorker,
-    NotRunningError,
     InProcessWorkers,
+    NotRunningError,
     TaskClient,
     TaskClientDep,
     TaskStatus,

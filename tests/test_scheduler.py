@@ -277,13 +277,12 @@ async def test_shutdown_drains_running_and_queued_tasks() -> None:
             refused.append(exc)
         GATES["drain"].set()
 
-    async with anyio.create_task_group() as tg:
-        async with serve(app):
-            running = await client.delay("sched_gate", "drain")
-            queued = await client.delay("sched_record", "drained")
-            scheduled = await client.delay("sched_record", "too-late", countdown=60)
-            await eventually(lambda: client.get_status(running) is TaskStatus.RUNNING)
-            tg.start_soon(during_shutdown)
+    async with anyio.create_task_group() as tg, serve(app):
+        running = await client.delay("sched_gate", "drain")
+        queued = await client.delay("sched_record", "drained")
+        scheduled = await client.delay("sched_record", "too-late", countdown=60)
+        await eventually(lambda: client.get_status(running) is TaskStatus.RUNNING)
+        tg.start_soon(during_shutdown)
         # Leaving `serve` ran the shutdown, which waited for the gate.
     assert len(refused) == 1
     assert client.get_status(running) is TaskStatus.SUCCESS
