@@ -289,7 +289,8 @@ class ControlPlaneConnection:
                     sent = True
                     reply = await _until(deadline, ctx.arecv())
                 finally:
-                    ctx.close()
+                    with contextlib.suppress(pynng.NNGException):
+                        ctx.close()
             finally:
                 self._locks[offset].release()
         except TimeoutError as exc:
