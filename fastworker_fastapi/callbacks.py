@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastworker.tasks.models import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -442,11 +442,12 @@ class CallbackDispatcher:
 
     def route(self, app: Starlette | None, path: str, **options: Any) -> Callable[[F], F]:
         """Decorator adding a POST route at `path` that only runs for signed callbacks."""
-        if app is None:
+        if not isinstance(app, FastAPI):
             raise ConfigurationError(
-                "callback_route needs the extension attached to an app first "
-                "(FastWorker(app) or fw.init_app(app)); or declare `callback: VerifiedCallback` "
-                "in a route of your own"
+                "callback_route needs the extension attached to a FastAPI app "
+                "(FastWorker(app) or fw.init_app(app)); elsewhere declare "
+                "`callback: VerifiedCallback` in a route, or call fw.callbacks.verify(body, "
+                "headers) in a plain Starlette endpoint"
             )
 
         async def verify(request: Request) -> None:
@@ -455,12 +456,7 @@ class CallbackDispatcher:
         dependencies = [Depends(verify), *options.pop("dependencies", ())]
 
         def decorator(func: F) -> F:
-            router = APIRouter()
-            router.post(path, dependencies=dependencies, **options)(func)
-            if isinstance(app, FastAPI):
-                app.include_router(router)
-            else:  # plain Starlette: APIRoutes are Starlette routes with DI built in
-                app.router.routes.extend(router.routes)
+            app.post(path, dependencies=dependencies, **options)(func)
             return func
 
         return decorator
