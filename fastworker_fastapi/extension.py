@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI
+from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -135,7 +136,8 @@ class FastWorker:
             router = build_router(self, self.prefix, self.route_dependencies)
             if isinstance(app, FastAPI):
                 app.include_router(router, include_in_schema=self.include_in_schema)
-            else:  # plain Starlette: APIRoutes are Starlette routes with DI built in
+            else:  # plain Starlette: APIRoutes need the exit stack FastAPI's app provides
+                app.add_middleware(AsyncExitStackMiddleware)
                 app.router.routes.extend(router.routes)
 
     def callback_route[F: Callable[..., Any]](

@@ -108,7 +108,7 @@ class Scheduler:
         """
         self.accepting = False
         self._closing = True
-        for _, _, record in self._heap:
+        for _, _, record in list(self._heap):
             if record.status not in FINAL_STATUSES:
                 self._cancel_record(
                     record, "ShutdownCancelled", "the app shut down before its scheduled time"
@@ -124,7 +124,7 @@ class Scheduler:
             return
         why = f"shutdown_timeout ({timeout:g}s) elapsed"
         for queue in self._queues:
-            for record in queue:
+            for record in list(queue):
                 self._cancel_record(record, "ShutdownCancelled", f"{why} before it ran")
             queue.clear()
         for record in list(self._running):
