@@ -568,8 +568,8 @@ class CallbackDispatcher:
     async def _attempt(self, job: _Job) -> None:
         delivery = job.delivery
         timeout = min(self.settings.timeout, self._deadline - anyio.current_time())
-        if timeout <= 0:
-            return  # shutting down with no time left: aclose records it as failed
+        if timeout <= 0:  # pragma: no cover - a loop racing the shutdown deadline
+            return  # no time left for an attempt: aclose records it as failed
         delivery.attempts += 1
         delivery.state = "delivering"
         self._store.changed(job.record)
@@ -618,11 +618,11 @@ class CallbackDispatcher:
             await response.aclose()
 
     async def _send_tcp(self, job: _Job, timeout: float) -> None:
-        import pynng
+        import pynng  # here: apps without tcp:// callbacks never load nng
 
-        sock = pynng.Pair0()
-        try:
-            # A non-blocking dial: a blocking one would stall the event loop on a slow host.
+        with pynng.Pair0() as sock:
+            # A non-blocking dial: a blocking one would stall the event loop on a slow host;
+            # without a peer, the send waits (nng keeps dialing) until the timeout.
             sock.dial(job.address, block=False)
             # pynng turns an anyio cancellation into a bare CancelledError that escapes anyio's
             # scopes, so the send runs shielded, bounded by asyncio's own timeout (which pynng
@@ -630,10 +630,6 @@ class CallbackDispatcher:
             with anyio.CancelScope(shield=True):
                 async with asyncio.timeout(timeout):
                     await sock.asend(job.body)
-        except pynng.NNGException as exc:
-            raise _AttemptError(f"{type(exc).__name__}: {exc} ({job.address})") from None
-        finally:
-            sock.close()
 
     def _failed_attempt(self, job: _Job, error: str, *, final: bool = False) -> None:
         delivery = job.delivery
@@ -650,13 +646,12 @@ class CallbackDispatcher:
             return
         delivery.state = "retrying"
         self._store.changed(job.record)
+        job.wake = anyio.Event()
+        self._waiting.add(job)  # now, so that a shutdown starting before it sleeps wakes it
         self._task_group.start_soon(self._retry_later, job, delay)
 
     async def _retry_later(self, job: _Job, delay: float) -> None:
-        job.wake = anyio.Event()
-        self._waiting.add(job)
-        if self._closing and anyio.current_time() + delay >= self._deadline:
-            delay = 0  # scheduled just before shutdown began: this is its last chance
+        assert job.wake is not None
         try:
             with anyio.move_on_after(delay):
                 await job.wake.wait()

@@ -35,6 +35,7 @@ from fastworker_fastapi import (
     sign_callback,
     verify_callback_signature,
 )
+from fastworker_fastapi.callbacks import CallbackDispatcher
 from fastworker_fastapi.models import CallbackState
 
 SECRET = "s3cret-for-tests"
@@ -134,6 +135,10 @@ def make_app(
     async def hang(callback: TaskCallback) -> None:
         assert receiver.release is not None
         await receiver.release.wait()
+
+    @fw.callback_route("/hooks/verbose")
+    async def verbose(callback: TaskCallback) -> Response:
+        return Response("why " * 500, status_code=400)
 
     @app.post("/hooks/plain")
     async def plain(callback: VerifiedCallback) -> dict[str, str]:
@@ -318,6 +323,68 @@ async def test_full_queue_records_the_callback_as_failed() -> None:
         assert "max_queue=1" in state.last_error
         receiver.release.set()
         await delivered(fw, stuck)
+
+
+async def test_error_answers_are_summarised_in_last_error() -> None:
+    app, fw = make_app(Receiver())
+    async with serve(app):
+        task_id = await fw.client.delay_with_callback("cb_echo", "/hooks/verbose", 1)
+        state = await delivered(fw, task_id, "failed")
+    assert state.last_error is not None
+    assert state.last_error.startswith("HTTP 400 from /hooks/verbose: why why")
+    assert len(state.last_error) < 300
+
+
+async def test_an_unexpected_transport_error_is_retried_and_the_loop_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver = Receiver()
+    app, fw = make_app(receiver, concurrency=1)
+    post = fw.callbacks._post
+    calls = 0
+
+    async def broken_once(job: Any, timeout: float) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("transport bug")
+        await post(job, timeout)
+
+    monkeypatch.setattr(fw.callbacks, "_post", broken_once)
+    async with serve(app):
+        first = await fw.client.delay_with_callback("cb_echo", "/hooks/done", 1)
+        state = await delivered(fw, first)
+        second = await fw.client.delay_with_callback("cb_echo", "/hooks/done", 2)
+        await delivered(fw, second)
+    assert state.attempts == 2
+    assert set(receiver.by_task()) == {first, second}
+
+
+async def test_a_callback_that_cannot_be_sent_is_recorded_not_left_pending() -> None:
+    app, fw = make_app(Receiver())
+    async with serve(app):
+        # Bypass submission's validation, as a record made elsewhere could.
+        record, delay = fw.client._prepare(
+            "cb_echo",
+            [1],
+            {},
+            priority=None,
+            eta=None,
+            countdown=None,
+            callback_address="/hooks/done",
+        )
+        assert record.callback is not None
+        record.callback.address = "gopher://127.0.0.1/x"
+        fw.client.scheduler.check_capacity()
+        fw.client.scheduler.submit(record, delay)
+        state = await delivered(fw, record.id, "failed")
+    assert state.attempts == 0
+    assert state.last_error is not None
+    assert "gopher" in state.last_error
+
+
+async def test_closing_a_dispatcher_that_never_started_is_a_no_op() -> None:
+    await CallbackDispatcher(CallbackSettings()).aclose(anyio.current_time())
 
 
 # -- shutdown ---------------------------------------------------------------------------------
