@@ -160,6 +160,7 @@ class CallbackSettings:
         )
         hosts = frozenset(h.strip().lower().rstrip(".") for h in self.allowed_hosts)
         _check(all(hosts), "allowed_hosts must not contain empty names")
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))  # hashable
         object.__setattr__(self, "_hosts", hosts)
 
     def retry_delay_for(self, attempts: int) -> float:

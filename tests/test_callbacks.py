@@ -495,6 +495,7 @@ def test_allow_list_matches_hosts_and_subdomain_wildcards() -> None:
     assert not s.host_allowed("evilpartner.io")
     assert not s.host_allowed("example.com")
     assert not CallbackSettings().host_allowed("127.0.0.1")
+    assert hash(CallbackSettings(allowed_hosts=["a.example"]))  # frozen settings stay hashable
 
 
 @pytest.mark.parametrize(
