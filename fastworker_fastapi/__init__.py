@@ -6,9 +6,17 @@ get FastWorker's Client API by dependency injection, `@background_task` register
 
 from fastworker.tasks.models import TaskPriority, TaskResult, TaskStatus
 
+from fastworker_fastapi.callbacks import (
+    CallbackSettings,
+    TaskCallback,
+    VerifiedCallback,
+    sign_callback,
+    verify_callback_signature,
+)
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.dependencies import TaskClientDep, get_fastworker
 from fastworker_fastapi.errors import (
+    CallbackSignatureError,
     CapacityError,
     ConfigurationError,
     FastWorkerError,
@@ -33,6 +41,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackgroundTask",
+    "CallbackSettings",
+    "CallbackSignatureError",
     "CallbackState",
     "CapacityError",
     "ConfigurationError",
@@ -47,6 +57,7 @@ __all__ = [
     "SubmissionError",
     "TaskAlreadyFinishedError",
     "TaskCall",
+    "TaskCallback",
     "TaskClient",
     "TaskClientDep",
     "TaskFailed",
@@ -57,7 +68,10 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "UnknownTaskError",
+    "VerifiedCallback",
     "WaitTimeoutError",
     "background_task",
     "get_fastworker",
+    "sign_callback",
+    "verify_callback_signature",
 ]

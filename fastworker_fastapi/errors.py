@@ -13,6 +13,7 @@ FastWorkerError                       status_code
 │       └── ShuttingDownError
 ├── TaskNotFoundError                 404  unknown or expired task id
 ├── TaskAlreadyFinishedError          409  cancelling a task that already finished
+├── CallbackSignatureError            401  a received callback is forged, altered or stale
 └── WaitTimeoutError                  504  `wait()` gave up before the task finished
 
 TaskFailed                            raised by executors: a failure known only by text
@@ -26,6 +27,7 @@ clear 4xx/5xx with a `detail` instead of a bare 500.
 from __future__ import annotations
 
 __all__ = [
+    "CallbackSignatureError",
     "CapacityError",
     "ConfigurationError",
     "FastWorkerError",
@@ -101,6 +103,12 @@ class TaskAlreadyFinishedError(FastWorkerError):
     """The task reached a final status, so it can no longer be cancelled."""
 
     status_code = 409
+
+
+class CallbackSignatureError(FastWorkerError):
+    """A received callback's signature is missing, wrong or too old: do not trust it."""
+
+    status_code = 401
 
 
 class WaitTimeoutError(FastWorkerError, TimeoutError):

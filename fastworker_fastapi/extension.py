@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastworker_fastapi import _context
+from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.errors import ConfigurationError, FastWorkerError
 from fastworker_fastapi.events import EventHub
@@ -66,7 +67,9 @@ class FastWorker:
     - `max_pending`: how many unfinished tasks may wait; beyond it submissions get 503;
     - `shutdown_timeout`: how long shutdown waits for running and queued tasks;
     - `exception_handlers`: answer this package's errors with their HTTP status and a
-      `detail` (on by default).
+      `detail` (on by default);
+    - `callbacks`: `CallbackSettings(...)` for completion callbacks (secret, allowed hosts,
+      retries, concurrency).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class FastWorker:
         include_in_schema: bool = True,
         tags: Sequence[str] = ("tasks",),
         task_registry: TaskRegistry | None = None,
+        callbacks: CallbackSettings | None = None,
     ) -> None:
         _require(result_ttl > 0 and math.isfinite(result_ttl), "result_ttl must be > 0")
         _require(max_results >= 1, "max_results must be >= 1")
@@ -105,6 +109,9 @@ class FastWorker:
         self.tags = tuple(tags)
         self.registry = task_registry if task_registry is not None else registry
         self.client = TaskClient()
+        self.callbacks = CallbackDispatcher(
+            callbacks if callbacks is not None else CallbackSettings()
+        )
         self.app: Starlette | None = None
         if app is not None:
             self.init_app(app)
@@ -133,6 +140,13 @@ class FastWorker:
                 app.add_middleware(AsyncExitStackMiddleware)
                 app.router.routes.extend(router.routes)
 
+    def callback_route[F: Callable[..., Any]](
+        self, path: str, **route_options: Any
+    ) -> Callable[[F], F]:
+        """Decorator: a POST route at `path` that runs only for this extension's signed
+        callbacks (401 otherwise); declare `callback: TaskCallback` to get the payload."""
+        return self.callbacks.route(self.app, path, **route_options)
+
     def _add_fixed_routes(self, router: APIRouter) -> None:
         """Routes with fixed paths under the prefix; added before `/{task_id}`."""
 
@@ -160,14 +174,17 @@ class FastWorker:
             try:
                 await executor.start(task_group)
                 scheduler.start(task_group)
-                self.client._bind(scheduler, store)
+                self.callbacks.start(task_group, store, self.app)
+                self.client._bind(scheduler, store, self.callbacks.validate_address)
                 _context.mark_running(self.client)
                 logger.info("FastWorker started (%s)", type(self.workers).__name__)
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
                 with anyio.CancelScope(shield=True):
+                    deadline = anyio.current_time() + self.shutdown_timeout
                     await scheduler.shutdown(self.shutdown_timeout)
+                    await self.callbacks.aclose(deadline)  # after the drain: its callbacks too
                     await executor.aclose()
                     events.close()
                 task_group.cancel_scope.cancel()

@@ -24,10 +24,15 @@ class CallbackState(BaseModel):
 
     address: str = Field(description="App path, http(s) URL or tcp:// FastWorker listener.")
     data: dict[str, Any] | None = Field(default=None, description="Sent back as callback_data.")
-    state: str = Field(default="pending", description="pending, delivering, delivered or failed.")
+    state: str = Field(
+        default="pending", description="pending, delivering, retrying, delivered or failed."
+    )
     attempts: int = Field(default=0, description="Delivery attempts made so far.")
     last_error: str | None = Field(default=None, description="Why the last attempt failed.")
     delivered_at: datetime | None = None
+    delivery_id: str | None = Field(
+        default=None, description="Sent as X-FastWorker-Delivery on every attempt (dedupe on it)."
+    )
 
 
 class TaskInfo(BaseModel):
@@ -87,6 +92,7 @@ class TaskInfo(BaseModel):
                 attempts=delivery.attempts if delivery else 0,
                 last_error=delivery.last_error if delivery else None,
                 delivered_at=delivery.delivered_at if delivery else None,
+                delivery_id=delivery.delivery_id if delivery else None,
             )
         return cls(
             id=record.id,

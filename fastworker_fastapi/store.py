@@ -52,7 +52,7 @@ class TaskPolicy:
 class CallbackDelivery:
     """Where the delivery of a task's completion callback stands."""
 
-    state: str = "pending"  # pending | delivering | delivered | failed
+    state: str = "pending"  # pending | delivering | retrying | delivered | failed
     attempts: int = 0
     last_error: str | None = None
     delivered_at: datetime | None = None

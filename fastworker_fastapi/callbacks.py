@@ -1,0 +1,688 @@
+"""Completion callbacks: delivery to app endpoints, webhooks and FastWorker listeners.
+
+```
+task final ──► listener ──► job table ──► N delivery loops ──► "/path"   app, in-process ASGI
+(success,      (payload,    (bounded;     │ one attempt        http(s)   signed webhook
+ failure,       delivery     full: failed) │ under a deadline   tcp://    nng Pair0 message
+ cancelled)     id)                        │
+                        retry timer ◄──────┘ connection error, timeout, 5xx, 408, 429
+                   (exponential backoff)     (a 4xx other than 408/429 is final)
+```
+
+Delivery is at-least-once: an attempt whose outcome is unknown (timeout, lost connection) is
+repeated, always with the same delivery id, so a receiver dedupes on it. A job waiting for
+its retry holds no delivery loop, so a slow or failing receiver delays other callbacks by
+at most one loop out of `concurrency`. At shutdown (after the scheduler has drained, so the
+callbacks of tasks that finished during the drain are included), waiting retries are tried at
+once; what is still pending when the shutdown budget is spent is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastworker.tasks.models import TaskStatus
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+
+from fastworker_fastapi.errors import (
+    CallbackSignatureError,
+    ConfigurationError,
+    InvalidTaskOptionsError,
+)
+from fastworker_fastapi.store import CallbackDelivery, utcnow
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+    from starlette.applications import Starlette
+
+    from fastworker_fastapi.store import TaskRecord, TaskStore
+
+__all__ = [
+    "DELIVERY_HEADER",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "CallbackDispatcher",
+    "CallbackSettings",
+    "TaskCallback",
+    "VerifiedCallback",
+    "sign_callback",
+    "verified_callback",
+    "verify_callback_signature",
+]
+
+logger = logging.getLogger("fastworker_fastapi")
+
+DELIVERY_HEADER = "X-FastWorker-Delivery"
+"""The delivery id: the same on every attempt of one callback; dedupe on it."""
+TIMESTAMP_HEADER = "X-FastWorker-Timestamp"
+"""Unix time (seconds) of the attempt; part of the signed content, so old messages go stale."""
+SIGNATURE_HEADER = "X-FastWorker-Signature"
+"""`v1=<hex HMAC-SHA256(secret, "{timestamp}.{delivery_id}." + body)>`."""
+ATTEMPT_HEADER = "X-FastWorker-Attempt"
+
+_MAX_ADDRESS_LENGTH = 2048
+_USER_AGENT = "fastworker-fastapi callbacks"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CallbackSettings:
+    """How completion callbacks are delivered: `FastWorker(app, callbacks=CallbackSettings(...))`.
+
+    - `secret`: key of the HMAC-SHA256 signature. Required for http(s) webhooks (receivers
+      must be able to tell our messages from forged ones). Without it, app-path callbacks are
+      signed with a random per-extension key, so `callback_route` still rejects forgeries.
+    - `allowed_hosts`: hosts that http(s) and tcp:// callbacks may go to (exact names or IPs,
+      or `*.example.com` for subdomains). Empty: none. A callback address may come from user
+      input; this keeps it from reaching internal hosts.
+    - `max_attempts`: attempts per callback, the first included.
+    - `retry_delay`, `retry_backoff`, `retry_backoff_max`: wait `retry_delay * retry_backoff **
+      (n - 1)` seconds (at most `retry_backoff_max`) after the n-th failed attempt.
+    - `timeout`: seconds one attempt may take (connect, send, answer).
+    - `concurrency`: delivery loops, i.e. attempts in flight at once.
+    - `max_queue`: callbacks outstanding at once (queued, in flight or waiting for a retry);
+      beyond it a callback is recorded as failed, never silently dropped.
+    - `signature_tolerance`: how old (or how far in the future) a signed timestamp may be
+      before `callback_route` / `VerifiedCallback` reject the message as stale.
+    - `app_base_url`: scheme and host of in-process requests to app paths (what
+      `request.url` shows; make it a host your `TrustedHostMiddleware` accepts).
+    """
+
+    secret: str | bytes | None = None
+    allowed_hosts: Collection[str] = ()
+    max_attempts: int = 5
+    retry_delay: float = 1.0
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 60.0
+    timeout: float = 10.0
+    concurrency: int = 8
+    max_queue: int = 10_000
+    signature_tolerance: float = 300.0
+    app_base_url: str = "http://localhost"
+    _hosts: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_hosts, str):
+            raise ConfigurationError(
+                "allowed_hosts must be a collection of host names, not one string: "
+                f"use allowed_hosts=({self.allowed_hosts!r},)"
+            )
+        _check(self.max_attempts >= 1, f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        _check(_finite(self.retry_delay, 0), f"retry_delay must be >= 0, got {self.retry_delay!r}")
+        _check(
+            _finite(self.retry_backoff, 1),
+            f"retry_backoff must be >= 1, got {self.retry_backoff!r}",
+        )
+        _check(
+            _finite(self.retry_backoff_max, 0),
+            f"retry_backoff_max must be >= 0, got {self.retry_backoff_max!r}",
+        )
+        _check(
+            _finite(self.timeout, 0) and self.timeout > 0,
+            f"timeout must be > 0 seconds, got {self.timeout!r}",
+        )
+        _check(self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency!r}")
+        _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue!r}")
+        _check(
+            _finite(self.signature_tolerance, 0),
+            f"signature_tolerance must be >= 0, got {self.signature_tolerance!r}",
+        )
+        _check(
+            self.secret is None or len(self.secret) > 0,
+            "secret must not be empty; use None for no webhooks",
+        )
+        base = urlsplit(self.app_base_url)
+        _check(
+            base.scheme in ("http", "https") and bool(base.hostname) and base.path in ("", "/"),
+            f"app_base_url must look like 'http://localhost', got {self.app_base_url!r}",
+        )
+        hosts = frozenset(h.strip().lower().rstrip(".") for h in self.allowed_hosts)
+        _check(all(hosts), "allowed_hosts must not contain empty names")
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))  # hashable
+        object.__setattr__(self, "_hosts", hosts)
+
+    def retry_delay_for(self, attempts: int) -> float:
+        """Seconds to wait after `attempts` failed attempts."""
+        return float(
+            min(self.retry_delay * self.retry_backoff ** (attempts - 1), self.retry_backoff_max)
+        )
+
+    def host_allowed(self, host: str) -> bool:
+        """True if `host` is on the allow-list (exactly, or under a `*.domain` entry)."""
+        host = host.lower().rstrip(".")
+        if host in self._hosts:
+            return True
+        return any(
+            entry.startswith("*.") and host.endswith(entry[1:]) and host != entry[2:]
+            for entry in self._hosts
+        )
+
+
+def _finite(value: float, minimum: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value >= minimum
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(message)
+
+
+# -- the payload ------------------------------------------------------------------------------
+
+
+class TaskCallback(BaseModel):
+    """FastWorker's completion message: declare it as the body of a receiving route."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "task_id": "0b8e5d1c-3f57-4c2b-9c53-6f0d2f7d2a11",
+                "status": "success",
+                "result": {"report_id": 7},
+                "error": None,
+                "started_at": "2026-11-27T18:00:00.001Z",
+                "completed_at": "2026-11-27T18:00:00.120Z",
+                "callback_data": {"user_id": 42},
+            }
+        }
+    )
+
+    task_id: str
+    status: TaskStatus = Field(description="success, failure or cancelled.")
+    result: Any = Field(default=None, description="The return value of a successful task.")
+    error: str | None = Field(
+        default=None, description="'ErrorType: message'; a timeout says TaskTimeout."
+    )
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    callback_data: dict[str, Any] | None = Field(
+        default=None, description="What the submitter passed as callback_data."
+    )
+
+    @classmethod
+    def from_record(cls, record: TaskRecord) -> TaskCallback:
+        assert record.callback is not None
+        return cls(
+            task_id=record.id,
+            status=record.status,
+            result=record.result,
+            error=record.error,
+            started_at=record.started_at,
+            completed_at=record.completed_at,
+            callback_data=record.callback.data,
+        )
+
+
+# -- signatures -------------------------------------------------------------------------------
+
+
+def _key(secret: str | bytes) -> bytes:
+    return secret.encode() if isinstance(secret, str) else secret
+
+
+def _mac(key: bytes, timestamp: int, delivery_id: str, body: bytes) -> str:
+    signed = f"{timestamp}.{delivery_id}.".encode() + body
+    return hmac.new(key, signed, hashlib.sha256).hexdigest()
+
+
+def sign_callback(
+    secret: str | bytes, body: bytes, *, delivery_id: str, timestamp: int | None = None
+) -> dict[str, str]:
+    """The signature headers for `body`; what the sender adds (useful to test receivers)."""
+    ts = int(time.time()) if timestamp is None else int(timestamp)
+    return {
+        DELIVERY_HEADER: delivery_id,
+        TIMESTAMP_HEADER: str(ts),
+        SIGNATURE_HEADER: f"v1={_mac(_key(secret), ts, delivery_id, body)}",
+    }
+
+
+def verify_callback_signature(
+    secret: str | bytes,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    tolerance: float = 300.0,
+    now: float | None = None,
+) -> str:
+    """Check a received callback and return its delivery id; `CallbackSignatureError` if not.
+
+    Give the raw body (before JSON parsing) and the request headers. The signature covers
+    the timestamp, the delivery id and the body, so none can be changed; a timestamp more
+    than `tolerance` seconds from now is refused as stale (a replay).
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    values = []
+    for name in (DELIVERY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER):
+        value = lowered.get(name.lower())
+        if not value:
+            raise CallbackSignatureError(f"missing {name} header: not a signed callback")
+        values.append(value)
+    delivery_id, raw_ts, signature = values
+    try:
+        timestamp = int(raw_ts)
+    except ValueError:
+        raise CallbackSignatureError(f"{TIMESTAMP_HEADER} is not a Unix time: {raw_ts!r}") from None
+    expected = _mac(_key(secret), timestamp, delivery_id, body)
+    offered = [p.strip()[3:] for p in signature.split(",") if p.strip().startswith("v1=")]
+    if not any(hmac.compare_digest(expected, candidate) for candidate in offered):
+        raise CallbackSignatureError(
+            "callback signature does not match: wrong secret, or the body or headers were changed"
+        )
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance:
+        raise CallbackSignatureError(
+            f"stale callback: signed {current - timestamp:.0f}s from now, beyond the "
+            f"{tolerance:g}s tolerance (a replay, or clocks out of sync)"
+        )
+    return delivery_id
+
+
+# -- the receiving side ------------------------------------------------------------------------
+
+
+def _dispatcher_of(request: Request) -> CallbackDispatcher:
+    extension = getattr(request.app.state, "fastworker", None)
+    dispatcher = getattr(extension, "callbacks", None)
+    if not isinstance(dispatcher, CallbackDispatcher):
+        raise ConfigurationError(
+            "VerifiedCallback needs a FastWorker extension attached to this app "
+            "(FastWorker(app) or fw.init_app(app))"
+        )
+    return dispatcher
+
+
+async def verified_callback(request: Request) -> TaskCallback:
+    """Dependency: the request's `TaskCallback`, after checking its signature (401 if bad)."""
+    dispatcher = _dispatcher_of(request)
+    body = await request.body()
+    dispatcher.verify_request(body, request.headers)
+    try:
+        return TaskCallback.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False), body=body) from None
+
+
+VerifiedCallback = Annotated[TaskCallback, Depends(verified_callback)]
+"""`callback: VerifiedCallback` in a route: a signed, validated completion message."""
+
+
+# -- delivery ----------------------------------------------------------------------------------
+
+Kind = Literal["app", "webhook", "tcp"]
+
+
+class _AttemptError(Exception):
+    """One attempt failed; `final` when repeating it cannot help (a 4xx answer)."""
+
+    def __init__(self, message: str, *, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    id: str
+    record: TaskRecord
+    delivery: CallbackDelivery
+    kind: Kind
+    address: str
+    body: bytes
+    wake: anyio.Event | None = None
+
+
+class CallbackDispatcher:
+    """Delivers the callbacks of one extension; started and stopped by `FastWorker.run()`."""
+
+    def __init__(self, settings: CallbackSettings) -> None:
+        self.settings = settings
+        # Without a configured secret, app-path callbacks are still signed, with a key that
+        # lives as long as this extension, so their receiving routes reject forgeries.
+        self._key = (
+            _key(settings.secret) if settings.secret is not None else secrets.token_bytes(32)
+        )
+        self._started = False
+        self._app: Starlette | None = None
+
+    # -- submission -------------------------------------------------------------------------
+
+    def validate_address(self, address: str) -> None:
+        """Refuse (422) an address that cannot or must not receive callbacks."""
+        self._classify(address)
+
+    def _classify(self, address: str) -> Kind:
+        if len(address) > _MAX_ADDRESS_LENGTH:
+            raise InvalidTaskOptionsError(
+                f"callback address is longer than {_MAX_ADDRESS_LENGTH} characters"
+            )
+        if any(c.isspace() or not c.isprintable() for c in address):
+            raise InvalidTaskOptionsError(
+                f"callback address {address!r} contains whitespace or control characters"
+            )
+        if address.startswith("/"):
+            parts = urlsplit(address)
+            if address.startswith("//") or "\\" in address or parts.scheme or parts.netloc:
+                raise InvalidTaskOptionsError(
+                    f"callback address {address!r} is not an app path like '/hooks/done'"
+                )
+            if self._app is None:
+                raise InvalidTaskOptionsError(
+                    f"app-path callback {address!r} needs the extension attached to an app "
+                    "(FastWorker(app) or fw.init_app(app))"
+                )
+            return "app"
+        try:
+            parts = urlsplit(address)
+            port = parts.port
+        except ValueError:
+            raise InvalidTaskOptionsError(f"callback address {address!r} is malformed") from None
+        scheme, host = parts.scheme.lower(), parts.hostname
+        if scheme not in ("http", "https", "tcp"):
+            raise InvalidTaskOptionsError(
+                f"callback address {address!r} is not supported: use an app path "
+                "('/hooks/done'), an http(s) URL or a FastWorker listener ('tcp://host:port')"
+            )
+        if not host or parts.username is not None or parts.password is not None:
+            raise InvalidTaskOptionsError(
+                f"callback address {address!r} needs a host and must not carry credentials"
+            )
+        if not self.settings.host_allowed(host):
+            raise InvalidTaskOptionsError(
+                f"callback host {host!r} is not allowed: add it to "
+                "CallbackSettings(allowed_hosts=...) if it is meant to receive callbacks"
+            )
+        if scheme == "tcp":
+            if port is None or parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise InvalidTaskOptionsError(
+                    f"tcp callback address {address!r} must look like 'tcp://host:port'"
+                )
+            return "tcp"
+        if self.settings.secret is None:
+            raise InvalidTaskOptionsError(
+                "webhook callbacks need CallbackSettings(secret=...) so that receivers can "
+                "verify them"
+            )
+        return "webhook"
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> str:
+        """`verify_callback_signature` with this extension's key and tolerance."""
+        return verify_callback_signature(
+            self._key, body, headers, tolerance=self.settings.signature_tolerance
+        )
+
+    def verify_request(self, body: bytes, headers: Mapping[str, str]) -> str:
+        """`verify`, answering 401 (whatever exception handlers the app has)."""
+        try:
+            return self.verify(body, headers)
+        except CallbackSignatureError as exc:
+            raise HTTPException(status_code=401, detail=str(exc)) from None
+
+    def route(self, app: Starlette | None, path: str, **options: Any) -> Callable[[F], F]:
+        """Decorator adding a POST route at `path` that only runs for signed callbacks."""
+        if not isinstance(app, FastAPI):
+            raise ConfigurationError(
+                "callback_route needs the extension attached to a FastAPI app "
+                "(FastWorker(app) or fw.init_app(app)); elsewhere declare "
+                "`callback: VerifiedCallback` in a route, or call fw.callbacks.verify(body, "
+                "headers) in a plain Starlette endpoint"
+            )
+
+        async def verify(request: Request) -> None:
+            self.verify_request(await request.body(), request.headers)
+
+        dependencies = [Depends(verify), *options.pop("dependencies", ())]
+
+        def decorator(func: F) -> F:
+            app.post(path, dependencies=dependencies, **options)(func)
+            return func
+
+        return decorator
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, task_group: TaskGroup, store: TaskStore, app: Starlette | None) -> None:
+        """Start the delivery loops in `task_group` and listen for finished tasks."""
+        settings = self.settings
+        self._store = store
+        self._app = app
+        self._jobs: dict[str, _Job] = {}
+        self._waiting: set[_Job] = set()
+        self._send, self._receive = anyio.create_memory_object_stream[_Job](settings.max_queue)
+        self._closing = False
+        self._deadline = math.inf
+        self._drained = anyio.Event()
+        self._stopped = anyio.Event()
+        self._scope = anyio.CancelScope()
+        limits = httpx.Limits(max_connections=settings.concurrency)
+        headers = {"user-agent": _USER_AGENT}
+        self._webhooks = httpx.AsyncClient(
+            timeout=settings.timeout, follow_redirects=False, limits=limits, headers=headers
+        )
+        self._in_app: httpx.AsyncClient | None = None
+        if app is not None:
+            self._in_app = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                base_url=settings.app_base_url,
+                headers=headers,
+            )
+        self._remove_listener = store.events.add_listener(self._on_change)
+        task_group.start_soon(self._main)
+        self._started = True
+
+    async def aclose(self, deadline: float) -> None:
+        """Deliver what is pending until `deadline` (anyio clock), then record the rest failed."""
+        if not self._started:
+            return
+        self._started = False
+        self._closing = True
+        self._deadline = deadline
+        for job in tuple(self._waiting):  # last chance: retry now rather than after a backoff
+            assert job.wake is not None
+            job.wake.set()
+        if not self._jobs:
+            self._drained.set()
+        with anyio.CancelScope(deadline=deadline):
+            await self._drained.wait()
+        self._remove_listener()
+        self._scope.cancel()
+        await self._stopped.wait()
+        for job in tuple(self._jobs.values()):
+            self._fail(
+                job,
+                f"still pending at shutdown when shutdown_timeout ran out "
+                f"(after {job.delivery.attempts} attempts)",
+            )
+        self._send.close()
+        self._receive.close()
+        await self._webhooks.aclose()
+        if self._in_app is not None:
+            await self._in_app.aclose()
+
+    async def _main(self) -> None:
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as task_group:
+                    self._task_group = task_group
+                    for _ in range(self.settings.concurrency):
+                        task_group.start_soon(self._loop)
+        finally:
+            self._stopped.set()
+
+    # -- the pipeline -------------------------------------------------------------------------
+
+    def _on_change(self, record: TaskRecord) -> None:
+        """EventHub listener: a final record with a callback gets exactly one delivery."""
+        if record.callback is None or record.delivery is not None or not record.finished:
+            return
+        delivery_id = uuid.uuid4().hex
+        delivery = record.delivery = CallbackDelivery(delivery_id=delivery_id)
+        # The publish that called us goes on to subscribers, with `delivery` already set.
+        if len(self._jobs) >= self.settings.max_queue:
+            delivery.state = "failed"
+            delivery.last_error = (
+                f"callback queue full: {len(self._jobs)} callbacks outstanding "
+                f"(CallbackSettings.max_queue={self.settings.max_queue})"
+            )
+            logger.warning("callback of task %s not sent: %s", record.id, delivery.last_error)
+            return
+        address = record.callback.address
+        try:
+            kind = self._classify(address)
+            body = TaskCallback.from_record(record).model_dump_json().encode()
+        except Exception as exc:  # validated at submission; still, never leave it pending
+            delivery.state = "failed"
+            delivery.last_error = f"cannot send to {address!r}: {exc}"
+            logger.warning("callback of task %s not sent: %s", record.id, delivery.last_error)
+            return
+        job = _Job(delivery_id, record, delivery, kind, address, body)
+        self._jobs[delivery_id] = job
+        self._send.send_nowait(job)  # never blocks: buffer size == max_queue >= len(jobs)
+
+    async def _loop(self) -> None:
+        async for job in self._receive:
+            await self._attempt(job)
+
+    async def _attempt(self, job: _Job) -> None:
+        delivery = job.delivery
+        timeout = min(self.settings.timeout, self._deadline - anyio.current_time())
+        if timeout <= 0:  # pragma: no cover - a loop racing the shutdown deadline
+            return  # no time left for an attempt: aclose records it as failed
+        delivery.attempts += 1
+        delivery.state = "delivering"
+        self._store.changed(job.record)
+        try:
+            if job.kind == "tcp":
+                await self._send_tcp(job, timeout)
+            else:
+                with anyio.fail_after(timeout):
+                    await self._post(job, timeout)
+        except _AttemptError as exc:
+            self._failed_attempt(job, str(exc), final=exc.final)
+        except TimeoutError:
+            self._failed_attempt(job, f"timed out after {timeout:g}s")
+        except httpx.TransportError as exc:
+            self._failed_attempt(job, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a broken receiver must not stop a delivery loop
+            logger.exception("callback attempt for task %s failed", job.record.id)
+            self._failed_attempt(job, f"{type(exc).__name__}: {exc}")
+        else:
+            delivery.state = "delivered"
+            delivery.delivered_at = utcnow()
+            delivery.last_error = None
+            self._finish(job)
+
+    async def _post(self, job: _Job, timeout: float) -> None:
+        client = self._in_app if job.kind == "app" else self._webhooks
+        assert client is not None
+        headers = sign_callback(self._key, job.body, delivery_id=job.id)
+        headers[ATTEMPT_HEADER] = str(job.delivery.attempts)
+        headers["content-type"] = "application/json"
+        request = client.build_request(
+            "POST", job.address, content=job.body, headers=headers, timeout=timeout
+        )
+        response = await client.send(request, stream=True)
+        try:
+            status = response.status_code
+            if 200 <= status < 300:
+                return
+            detail = f"HTTP {status} from {job.address}"
+            snippet = await _read_some(response, 200)
+            if snippet:
+                detail = f"{detail}: {snippet}"
+            retryable = status in (408, 429) or status >= 500
+            raise _AttemptError(detail, final=not retryable)
+        finally:
+            await response.aclose()
+
+    async def _send_tcp(self, job: _Job, timeout: float) -> None:
+        import pynng  # here: apps without tcp:// callbacks never load nng
+
+        with pynng.Pair0() as sock:
+            # A non-blocking dial: a blocking one would stall the event loop on a slow host;
+            # without a peer, the send waits (nng keeps dialing) until the timeout.
+            sock.dial(job.address, block=False)
+            # pynng turns an anyio cancellation into a bare CancelledError that escapes anyio's
+            # scopes, so the send runs shielded, bounded by asyncio's own timeout (which pynng
+            # handles); `timeout` is already clipped to the shutdown deadline.
+            with anyio.CancelScope(shield=True):
+                async with asyncio.timeout(timeout):
+                    await sock.asend(job.body)
+
+    def _failed_attempt(self, job: _Job, error: str, *, final: bool = False) -> None:
+        delivery = job.delivery
+        delivery.last_error = error
+        if final:
+            self._fail(job, f"{error} (not retried)")
+            return
+        if delivery.attempts >= self.settings.max_attempts:
+            self._fail(job, f"{error} (gave up after {delivery.attempts} attempts)")
+            return
+        delay = self.settings.retry_delay_for(delivery.attempts)
+        if self._closing and anyio.current_time() + delay >= self._deadline:
+            self._fail(job, f"{error} (no time left for another attempt before shutdown)")
+            return
+        delivery.state = "retrying"
+        self._store.changed(job.record)
+        job.wake = anyio.Event()
+        self._waiting.add(job)  # now, so that a shutdown starting before it sleeps wakes it
+        self._task_group.start_soon(self._retry_later, job, delay)
+
+    async def _retry_later(self, job: _Job, delay: float) -> None:
+        assert job.wake is not None
+        try:
+            with anyio.move_on_after(delay):
+                await job.wake.wait()
+        finally:
+            self._waiting.discard(job)
+        self._send.send_nowait(job)
+
+    def _fail(self, job: _Job, error: str) -> None:
+        job.delivery.state = "failed"
+        job.delivery.last_error = error
+        logger.warning("callback of task %s to %s failed: %s", job.record.id, job.address, error)
+        self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        self._jobs.pop(job.id, None)
+        self._store.changed(job.record)
+        if self._closing and not self._jobs:
+            self._drained.set()
+
+
+async def _read_some(response: httpx.Response, limit: int) -> str:
+    """At most `limit` characters of an error answer: enough to say why, never the whole."""
+    data = b""
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    text = data[:limit].decode("utf-8", "replace").strip()
+    try:  # FastAPI answers {"detail": ...}: show just that
+        detail = json.loads(text).get("detail")
+    except (ValueError, AttributeError):
+        return text
+    return str(detail) if detail is not None else text
