@@ -181,5 +181,12 @@ class ProgressPublisher:
         self._store.changed(record)
 
     def _forget(self, record: TaskRecord) -> None:
+        """On a task's final status: apply a held-back value, then drop its state.
+
+        Listeners run before the hub snapshots the record for streams, so the final event
+        carries the task's last reported progress.
+        """
         if record.finished:
-            self._states.pop(record, None)
+            state = self._states.pop(record, None)
+            if state is not None and state.armed:
+                record.progress, record.progress_message = state.value
