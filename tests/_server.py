@@ -13,9 +13,8 @@ from contextlib import asynccontextmanager
 
 import anyio
 import uvicorn
-from starlette.types import ASGIApp
-
 from conftest import eventually
+from starlette.types import ASGIApp
 
 
 @asynccontextmanager
