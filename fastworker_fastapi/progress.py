@@ -138,11 +138,6 @@ class ProgressPublisher:
             # task's own worker thread; progress is advisory, so it must not fail the task.
             state.armed = False
 
-    @property
-    def tracked(self) -> int:
-        """Tasks with progress state held (for tests: finished tasks are forgotten)."""
-        return len(self._states)
-
     async def run(self) -> None:
         """Publish held-back values when their interval has passed; runs until cancelled."""
         heap = self._heap
