@@ -34,6 +34,7 @@ from fastworker_fastapi.errors import (
 )
 from fastworker_fastapi.extension import FastWorker
 from fastworker_fastapi.models import CallbackState, TaskInfo, TaskList
+from fastworker_fastapi.progress import report_progress
 from fastworker_fastapi.tasks import BackgroundTask, TaskCall, background_task
 from fastworker_fastapi.workers import InProcessWorkers
 
@@ -72,6 +73,7 @@ __all__ = [
     "WaitTimeoutError",
     "background_task",
     "get_fastworker",
+    "report_progress",
     "sign_callback",
     "verify_callback_signature",
 ]

@@ -32,8 +32,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fastworker_fastapi import _context
 from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
+from fastworker_fastapi.dashboard import add_dashboard_route
 from fastworker_fastapi.errors import ConfigurationError, FastWorkerError
 from fastworker_fastapi.events import EventHub
+from fastworker_fastapi.live import add_event_routes
+from fastworker_fastapi.progress import ProgressPublisher
 from fastworker_fastapi.routes import build_router
 from fastworker_fastapi.scheduler import Scheduler
 from fastworker_fastapi.store import TaskStore
@@ -70,6 +73,9 @@ class FastWorker:
       `detail` (on by default);
     - `callbacks`: `CallbackSettings(...)` for completion callbacks (secret, allowed hosts,
       retries, concurrency).
+    - `dashboard`: serve the monitoring page at `{prefix}/dashboard` (on by default);
+    - `event_heartbeat`: seconds between heartbeats on idle event streams;
+    - `event_buffer`: changes buffered per event stream before a slow client is dropped.
     """
 
     def __init__(
@@ -88,6 +94,9 @@ class FastWorker:
         tags: Sequence[str] = ("tasks",),
         task_registry: TaskRegistry | None = None,
         callbacks: CallbackSettings | None = None,
+        dashboard: bool = True,
+        event_heartbeat: float = 15.0,
+        event_buffer: int = 256,
     ) -> None:
         _require(result_ttl > 0 and math.isfinite(result_ttl), "result_ttl must be > 0")
         _require(max_results >= 1, "max_results must be >= 1")
@@ -108,6 +117,13 @@ class FastWorker:
         self.include_in_schema = include_in_schema
         self.tags = tuple(tags)
         self.registry = task_registry if task_registry is not None else registry
+        _require(
+            event_heartbeat > 0 and math.isfinite(event_heartbeat), "event_heartbeat must be > 0"
+        )
+        _require(event_buffer >= 1, "event_buffer must be >= 1")
+        self.dashboard = dashboard
+        self.event_heartbeat = event_heartbeat
+        self.event_buffer = event_buffer
         self.client = TaskClient()
         self.callbacks = CallbackDispatcher(
             callbacks if callbacks is not None else CallbackSettings()
@@ -149,6 +165,9 @@ class FastWorker:
 
     def _add_fixed_routes(self, router: APIRouter) -> None:
         """Routes with fixed paths under the prefix; added before `/{task_id}`."""
+        add_event_routes(router, self)
+        if self.dashboard:
+            add_dashboard_route(router)
 
     def _chain(self, original: Lifespan) -> Lifespan:
         @asynccontextmanager
@@ -173,7 +192,10 @@ class FastWorker:
         async with anyio.create_task_group() as task_group:
             try:
                 await executor.start(task_group)
-                scheduler.start(task_group)
+                progress = ProgressPublisher(store)
+                task_group.start_soon(progress.run)
+                with progress.bind():  # the workers started here report to it
+                    scheduler.start(task_group)
                 self.callbacks.start(task_group, store, self.app)
                 self.client._bind(scheduler, store, self.callbacks.validate_address)
                 _context.mark_running(self.client)

@@ -1,0 +1,194 @@
+"""Server-sent events: task changes pushed to HTTP clients as they happen.
+
+```
+scheduler / progress ──► store.changed ──► EventHub ──► Subscription (bounded buffer)
+                                                          │  one per open stream
+                                                          ▼
+                          GET /tasks/{id}/events   event: task   (current state first,
+                          GET /tasks/events        data: {TaskInfo JSON}   then each change)
+                                                   : heartbeat   (every `heartbeat` seconds)
+                                                   event: overflow (the buffer filled: end)
+```
+
+Publishing never waits for a stream: a client that reads too slowly fills its buffer, gets
+a final `overflow` event, and its stream closes. An `EventSource` then reconnects by itself
+and should re-read the state (`GET /tasks/{id}` or `GET /tasks`), which is what the
+dashboard does. A client that disconnects releases its subscription at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Annotated, Any
+from uuid import UUID
+
+import anyio
+from fastapi import Path, Query
+from fastworker.tasks.models import TaskStatus
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
+from fastworker_fastapi.models import TaskInfo
+from fastworker_fastapi.store import FINAL_STATUSES
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+    from fastworker_fastapi.client import TaskClient
+    from fastworker_fastapi.events import EventHub, RecordFilter
+    from fastworker_fastapi.extension import FastWorker
+    from fastworker_fastapi.store import TaskRecord
+
+__all__ = ["EventStreamResponse", "add_event_routes", "task_events"]
+
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+_STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "`event: task` with a `TaskInfo` as JSON per change; comment "
+        "heartbeats; `event: overflow` before closing when the client read too slowly.",
+    }
+}
+
+
+class EventStreamResponse(StreamingResponse):
+    """A `text/event-stream` that stops as soon as the client disconnects.
+
+    Starlette's `StreamingResponse` notices a disconnect only at its next write on ASGI 2.4
+    servers; listening for it instead frees the subscription at once.
+    """
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as task_group:
+
+                async def run_then_cancel(func: Callable[[], Awaitable[None]]) -> None:
+                    await func()
+                    task_group.cancel_scope.cancel()
+
+                task_group.start_soon(run_then_cancel, partial(self.stream_response, send))
+                await run_then_cancel(partial(self.listen_for_disconnect, receive))
+        finally:
+            # Close the body now rather than when it is garbage-collected: until its
+            # `finally` runs it holds a subscription.
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+def _event(info: TaskInfo) -> str:
+    return f"event: task\ndata: {info.model_dump_json()}\n\n"
+
+
+_OVERFLOW = "event: overflow\ndata: {}\n\n".format(
+    json.dumps({"detail": "this client read too slowly and missed events; re-read the state"})
+)
+
+
+async def task_events(
+    events: EventHub,
+    *,
+    max_buffer: int,
+    heartbeat: float,
+    accept: RecordFilter | None = None,
+    record: TaskRecord | None = None,
+) -> AsyncIterator[str]:
+    """The stream body: `record`'s current state if given, then each accepted change.
+
+    Given a `record`, the stream ends after its final state. It subscribes only once
+    iterated and closes the subscription whatever ends it (a disconnect included), so a
+    response that never starts holds nothing.
+    """
+    # Subscribe and snapshot with no await in between: no change can fall in the gap.
+    async with events.subscribe(max_buffer=max_buffer, accept=accept) as subscription:
+        yield "retry: 1000\n\n"  # reconnect quickly after an overflow or a restart
+        if record is not None:
+            info = TaskInfo.from_record(record)
+            yield _event(info)
+            if info.status in FINAL_STATUSES:
+                return
+        receive = subscription.receive
+        while True:
+            next_info: TaskInfo | None = None
+            with anyio.move_on_after(heartbeat):
+                try:
+                    next_info = await receive.receive()
+                except anyio.EndOfStream:
+                    if subscription.overflowed:
+                        yield _OVERFLOW
+                    return
+            if next_info is None:
+                yield ": heartbeat\n\n"
+                continue
+            yield _event(next_info)
+            if record is not None and next_info.status in FINAL_STATUSES:
+                return
+
+
+def add_event_routes(router: APIRouter, extension: FastWorker) -> None:
+    """`GET {prefix}/events` and `GET {prefix}/{task_id}/events` on the extension's router."""
+
+    def running_client() -> TaskClient:
+        if not extension.client.started:
+            raise NotRunningError("the FastWorker extension has not started yet")
+        return extension.client
+
+    @router.get(
+        "/events",
+        summary="Stream changes of all tasks (server-sent events)",
+        response_class=EventStreamResponse,
+        responses=_STREAM_DOC,
+    )
+    async def all_events(
+        status: Annotated[
+            TaskStatus | None, Query(description="Only changes into this status.")
+        ] = None,
+        name: Annotated[str | None, Query(description="Only tasks with this name.")] = None,
+    ) -> EventStreamResponse:
+        """Every task change from now on, optionally filtered; never ends by itself."""
+        client = running_client()
+
+        def accept(record: TaskRecord) -> bool:
+            return (status is None or record.status is status) and (
+                name is None or record.name == name
+            )
+
+        body = task_events(
+            client.store.events,
+            max_buffer=extension.event_buffer,
+            heartbeat=extension.event_heartbeat,
+            accept=accept,
+        )
+        return EventStreamResponse(body, headers=_HEADERS)
+
+    @router.get(
+        "/{task_id}/events",
+        summary="Stream one task's changes (server-sent events)",
+        response_class=EventStreamResponse,
+        responses={**_STREAM_DOC, 404: {"description": "Unknown or expired task id."}},
+    )
+    async def one_task_events(
+        task_id: Annotated[UUID, Path(description="The id returned by delay().")],
+    ) -> EventStreamResponse:
+        """The task's current state, then each change; closes after its final state."""
+        client = running_client()
+        record = client.store.get(str(task_id))
+        if record is None:
+            raise TaskNotFoundError(f"no task with id {task_id} (unknown or expired)")
+        body = task_events(
+            client.store.events,
+            max_buffer=extension.event_buffer,
+            heartbeat=extension.event_heartbeat,
+            accept=lambda r: r is record,
+            record=record,
+        )
+        return EventStreamResponse(body, headers=_HEADERS)

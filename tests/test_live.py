@@ -1,0 +1,447 @@
+"""Progress, server-sent events and the dashboard route (the browser test is separate)."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from _server import live_server
+from conftest import eventually, serve
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastworker.tasks.models import TaskPriority, TaskStatus
+
+from fastworker_fastapi import ConfigurationError, FastWorker, background_task, report_progress
+from fastworker_fastapi.events import EventHub
+from fastworker_fastapi.live import task_events
+from fastworker_fastapi.progress import MAX_MESSAGE_LENGTH
+from fastworker_fastapi.store import TaskPolicy, TaskRecord
+
+# Gates let a test hold a task at a known point; keyed by a token the test passes in.
+_async_gates: dict[str, anyio.Event] = {}
+_thread_gates: dict[str, threading.Event] = {}
+_attempts: dict[str, int] = {}
+
+
+@background_task(name="live_async_progress")
+async def live_async_progress(token: str, steps: int) -> str:
+    report_progress(0.5, "halfway")
+    await _async_gates[token].wait()
+    for i in range(steps):
+        report_progress((i + 1) / steps, f"step {i + 1}")
+    return "done"
+
+
+@background_task(name="live_sync_progress")
+def live_sync_progress(token: str, steps: int) -> int:
+    report_progress(0.25, "in a thread")
+    assert _thread_gates[token].wait(10)
+    for i in range(steps):
+        report_progress((i + 1) / steps, f"step {i + 1}")
+    return steps
+
+
+@background_task(name="live_trailing")
+async def live_trailing(token: str) -> None:
+    report_progress(0.1, "first")
+    report_progress(0.2, "second")  # held back by the throttle, yet must be published
+    await _async_gates[token].wait()
+
+
+@background_task(name="live_flaky", max_retries=2, retry_delay=0.01)
+async def live_flaky(token: str) -> str:
+    _attempts[token] = _attempts.get(token, 0) + 1
+    if _attempts[token] == 1:
+        await _async_gates[token].wait()
+    if _attempts[token] < 3:
+        raise RuntimeError(f"attempt {_attempts[token]} fails")
+    return "third time lucky"
+
+
+@background_task(name="live_quick")
+async def live_quick(x: int) -> int:
+    return x
+
+
+@background_task(name="live_wait")
+async def live_wait(token: str) -> None:
+    await _async_gates[token].wait()
+
+
+def _gate(token: str) -> anyio.Event:
+    _async_gates[token] = anyio.Event()
+    return _async_gates[token]
+
+
+def make_app(**options: Any) -> tuple[FastAPI, FastWorker]:
+    app = FastAPI()
+    options.setdefault("event_heartbeat", 0.05)
+    return app, FastWorker(app, **options)
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) pairs of a server-sent event stream; ("comment", text) for comments."""
+    event, data = "message", []
+    async for line in response.aiter_lines():
+        if line.startswith(":"):
+            yield "comment", line[1:].strip()
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and data:
+            yield event, "\n".join(data)
+            event, data = "message", []
+
+
+# -- progress -------------------------------------------------------------------------------
+
+
+async def test_progress_from_an_async_task_shows_in_the_status_route() -> None:
+    app, fw = make_app()
+    gate = _gate("async-1")
+    async with serve(app) as http:
+        task_id = await live_async_progress.delay("async-1", 50)
+
+        async def halfway() -> bool:
+            body = (await http.get(f"/tasks/{task_id}")).json()
+            return body["progress"] == 0.5 and body["progress_message"] == "halfway"
+
+        await eventually(halfway, message="progress 0.5 visible")
+        gate.set()
+        await fw.client.wait(task_id, timeout=10)
+        body = (await http.get(f"/tasks/{task_id}")).json()
+    assert body["status"] == "success"
+    assert (body["progress"], body["progress_message"]) == (1.0, "step 50")  # the last value
+
+
+async def test_progress_from_a_sync_task_is_throttled_and_keeps_the_last_value() -> None:
+    app, fw = make_app()
+    _thread_gates["sync-1"] = threading.Event()
+    async with serve(app) as http:
+        task_id = await live_sync_progress.delay("sync-1", 20_000)
+        record = fw.client.store.get(task_id)
+        assert record is not None
+
+        async def in_thread() -> bool:
+            body = (await http.get(f"/tasks/{task_id}")).json()
+            return body["progress"] == 0.25 and body["progress_message"] == "in a thread"
+
+        await eventually(in_thread, message="progress from the worker thread")
+        published: list[float | None] = []
+        fw.client.store.events.add_listener(lambda r: published.append(r.progress))
+        started = time.monotonic()
+        _thread_gates["sync-1"].set()
+        await fw.client.wait(task_id, timeout=20)
+        elapsed = time.monotonic() - started
+        body = (await http.get(f"/tasks/{task_id}")).json()
+    assert body["result"] == 20_000
+    assert (body["progress"], body["progress_message"]) == (1.0, "step 20000")
+    # 20,000 reports, yet about one publish per 100 ms (plus the final status).
+    assert len(published) <= elapsed / 0.1 + 3, (len(published), elapsed)
+
+
+async def test_a_held_back_value_is_published_without_further_reports() -> None:
+    app, fw = make_app()
+    gate = _gate("trail-1")
+    async with serve(app):
+        seen: list[tuple[float | None, str | None]] = []
+        fw.client.store.events.add_listener(lambda r: seen.append((r.progress, r.progress_message)))
+        task_id = await live_trailing.delay("trail-1")
+        await eventually(lambda: (0.2, "second") in seen, message="trailing value published")
+        record = fw.client.store.get(task_id)
+        assert record is not None
+        assert record.status is TaskStatus.RUNNING  # published while the task still waits
+        assert (0.1, "first") in seen
+        gate.set()
+        await fw.client.wait(task_id, timeout=10)
+
+
+def test_report_progress_outside_a_task_does_nothing_but_checks_its_arguments() -> None:
+    report_progress(0.5, "not in a task")  # a plain call: no error
+    assert live_quick.__wrapped__ is not None
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        report_progress(1.5)
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        report_progress(float("nan"))
+    with pytest.raises(TypeError, match="number"):
+        report_progress(True)
+    with pytest.raises(TypeError, match="string"):
+        report_progress(0.5, 42)  # type: ignore[arg-type]
+
+
+async def test_long_messages_are_cut_and_late_or_foreign_reports_are_harmless() -> None:
+    app, fw = make_app()
+    gate = _gate("msg-1")
+    async with serve(app):
+        task_id = await live_wait.delay("msg-1")
+        record = await eventually(lambda: fw.client.store.get(task_id))
+        await eventually(lambda: record.status is TaskStatus.RUNNING)
+        publisher_context: contextvars.Context | None = None
+
+        # Capture a task's context (record + publisher) the way a user's own thread might.
+        @background_task(name="live_capture_context")
+        async def live_capture_context() -> None:
+            nonlocal publisher_context
+            publisher_context = contextvars.copy_context()
+            report_progress(0.3, "x" * (MAX_MESSAGE_LENGTH + 50))
+
+        capture_id = await live_capture_context.delay()
+        await fw.client.wait(capture_id, timeout=10)
+        captured = fw.client.store.get(capture_id)
+        assert captured is not None
+        assert captured.progress_message is not None
+        assert len(captured.progress_message) == MAX_MESSAGE_LENGTH
+        assert publisher_context is not None
+        # The task has finished: a late report is dropped; no state is kept for it.
+        publisher_context.run(report_progress, 0.9)
+        assert captured.progress == 0.3
+
+        # A live task's context run in a thread that is not an anyio worker: no error, no hop.
+        @background_task(name="live_capture_running")
+        async def live_capture_running(token: str) -> None:
+            nonlocal publisher_context
+            publisher_context = contextvars.copy_context()
+            await _async_gates[token].wait()
+
+        gate2 = _gate("msg-2")
+        running_id = await live_capture_running.delay("msg-2")
+        await eventually(lambda: fw.client.get_status(running_id) is TaskStatus.RUNNING)
+        context = publisher_context
+        errors: list[BaseException] = []
+
+        def foreign_thread() -> None:
+            try:
+                context.run(report_progress, 0.7, "from elsewhere")
+            except BaseException as exc:  # pragma: no cover - the assertion shows it
+                errors.append(exc)
+
+        thread = threading.Thread(target=foreign_thread)
+        thread.start()
+        await anyio.to_thread.run_sync(thread.join)
+        assert errors == []
+        gate.set()
+        gate2.set()
+        await fw.client.wait(task_id, timeout=10)
+        await fw.client.wait(running_id, timeout=10)
+
+
+# -- event streams --------------------------------------------------------------------------
+
+
+async def test_one_task_stream_follows_retries_in_order_and_closes_after_success() -> None:
+    app, fw = make_app()
+    gate = _gate("flaky-1")
+    async with live_server(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        task_id = await live_flaky.delay("flaky-1")
+        await eventually(lambda: fw.client.get_status(task_id) is TaskStatus.RUNNING)
+        seen: list[tuple[str, int]] = []
+        heartbeats = 0
+        async with http.stream("GET", f"/tasks/{task_id}/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"] == "no-cache"
+            async for event, data in sse_events(response):
+                if event == "comment":
+                    heartbeats += 1
+                    continue
+                assert event == "task"
+                info = json.loads(data)
+                seen.append((info["status"], info["attempts"]))
+                if len(seen) == 1:
+                    await anyio.sleep(0.12)  # idle long enough for a heartbeat
+                    gate.set()
+        # The loop ended because the server closed the stream after the final state.
+        assert seen == [
+            ("running", 1),
+            ("retrying", 1),
+            ("running", 2),
+            ("retrying", 2),
+            ("running", 3),
+            ("success", 3),
+        ]
+        assert heartbeats >= 1
+        await eventually(lambda: fw.client.store.events.subscriber_count == 0)
+
+
+async def test_stream_of_a_finished_task_sends_its_state_and_closes() -> None:
+    app, fw = make_app()
+    async with serve(app) as http:  # a finite stream: the in-process transport is enough
+        task_id = await live_quick.delay(7)
+        await fw.client.wait(task_id, timeout=10)
+        response = await http.get(f"/tasks/{task_id}/events")
+        assert response.status_code == 200
+        events = [block for block in response.text.split("\n\n") if block.startswith("event:")]
+        assert len(events) == 1
+        assert json.loads(events[0].split("data: ", 1)[1])["result"] == 7
+        assert fw.client.store.events.subscriber_count == 0
+
+
+async def test_unknown_and_malformed_ids_are_refused() -> None:
+    app, _ = make_app()
+    async with serve(app) as http:
+        missing = await http.get("/tasks/00000000-0000-0000-0000-000000000000/events")
+        assert missing.status_code == 404
+        assert "unknown or expired" in missing.json()["detail"]
+        assert (await http.get("/tasks/not-a-uuid/events")).status_code == 422
+
+
+async def test_all_tasks_stream_filters_and_disconnect_releases_the_subscription() -> None:
+    app, fw = make_app()
+    async with live_server(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        hub = fw.client.store.events
+        statuses: list[str] = []
+        async with http.stream("GET", "/tasks/events", params={"name": "live_quick"}) as response:
+            assert response.status_code == 200
+            events = sse_events(response)
+            await eventually(lambda: hub.subscriber_count == 1, message="subscribed")
+            gate = _gate("all-1")
+            other = await live_wait.delay("all-1")  # filtered out by name
+            await live_quick.delay(1)
+            async for event, data in events:
+                if event == "task":
+                    info = json.loads(data)
+                    assert info["name"] == "live_quick"
+                    statuses.append(info["status"])
+                    if info["status"] == "success":
+                        break
+            gate.set()
+            await fw.client.wait(other, timeout=10)
+            # Still open; leave while it is idle (only heartbeats flow).
+            kind, _ = await anext(events)
+            assert kind == "comment"
+        assert statuses == ["queued", "running", "success"]
+        await eventually(lambda: hub.subscriber_count == 0, message="released on disconnect")
+
+        # A status filter: only changes *into* that status.
+        async with http.stream("GET", "/tasks/events", params={"status": "success"}) as response:
+            events = sse_events(response)
+            await eventually(lambda: hub.subscriber_count == 1, message="subscribed")
+            await live_quick.delay(2)
+            async for event, data in events:
+                if event == "task":
+                    assert json.loads(data)["status"] == "success"
+                    break
+        await eventually(lambda: hub.subscriber_count == 0)
+
+
+async def test_disconnect_from_a_running_tasks_stream_releases_it() -> None:
+    app, fw = make_app(event_heartbeat=60)  # no heartbeat: the disconnect alone must do it
+    gate = _gate("disc-1")
+    async with live_server(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        task_id = await live_wait.delay("disc-1")
+        await eventually(lambda: fw.client.get_status(task_id) is TaskStatus.RUNNING)
+        async with http.stream("GET", f"/tasks/{task_id}/events") as response:
+            async for event, _ in sse_events(response):
+                if event == "task":
+                    break
+            assert fw.client.store.events.subscriber_count == 1
+        await eventually(lambda: fw.client.store.events.subscriber_count == 0)
+        gate.set()
+        await fw.client.wait(task_id, timeout=10)
+
+
+def _record(name: str = "live_x") -> TaskRecord:
+    return TaskRecord(
+        id="r1",
+        name=name,
+        args=[],
+        kwargs={},
+        priority=TaskPriority.NORMAL,
+        policy=TaskPolicy(),
+        status=TaskStatus.RUNNING,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def test_a_slow_reader_gets_an_overflow_event_then_the_end() -> None:
+    hub = EventHub()
+    body = task_events(hub, max_buffer=2, heartbeat=10)
+    assert await anext(body) == "retry: 1000\n\n"
+    record = _record()
+    for progress in (0.1, 0.2, 0.3):  # the third does not fit: the subscriber is dropped
+        record.progress = progress
+        hub.publish(record)
+    assert hub.subscriber_count == 0
+    rest = [chunk async for chunk in body]
+    assert [chunk.split("\n", 1)[0] for chunk in rest] == [
+        "event: task",
+        "event: task",
+        "event: overflow",
+    ]
+    assert "re-read the state" in rest[-1]
+
+
+async def test_closing_the_hub_ends_streams_quietly() -> None:
+    hub = EventHub()
+    body = task_events(hub, max_buffer=8, heartbeat=10)
+    await anext(body)
+    hub.close()  # what the extension does at shutdown
+    assert [chunk async for chunk in body] == []
+
+
+# -- auth, options, dashboard route ---------------------------------------------------------
+
+
+def require_token(x_token: str | None = Header(default=None)) -> None:
+    if x_token != "secret":
+        raise HTTPException(status_code=401, detail="missing or wrong token")
+
+
+async def test_every_live_route_is_behind_the_route_dependencies() -> None:
+    app, fw = make_app(route_dependencies=[Depends(require_token)])
+    good = {"X-Token": "secret"}
+    async with live_server(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        task_id = await live_quick.delay(3)
+        await fw.client.wait(task_id, timeout=10)
+        for path in ("/tasks/events", f"/tasks/{task_id}/events", "/tasks/dashboard"):
+            refused = await http.get(path)
+            assert refused.status_code == 401, path
+            assert refused.json() == {"detail": "missing or wrong token"}
+            async with http.stream("GET", path, headers=good) as response:
+                assert response.status_code == 200, path
+        await eventually(lambda: fw.client.store.events.subscriber_count == 0)
+
+
+async def test_dashboard_is_one_self_contained_page_and_can_be_turned_off() -> None:
+    app, _ = make_app(prefix="/jobs")
+    async with serve(app) as http:
+        page = await http.get("/jobs/dashboard")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        html = page.text
+        assert "<script src" not in html
+        assert "<link" not in html
+        assert "http://" not in html
+        assert "https://" not in html
+        assert "EventSource" in html
+        schema = (await http.get("/openapi.json")).json()
+        assert "/jobs/dashboard" not in schema["paths"]
+        assert "/jobs/events" in schema["paths"]
+        assert "/jobs/{task_id}/events" in schema["paths"]
+
+    off, _ = make_app(dashboard=False)
+    async with serve(off) as http:
+        assert (await http.get("/tasks/dashboard")).status_code == 422  # just a bad task id
+
+
+def test_invalid_live_options_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="event_heartbeat"):
+        FastWorker(event_heartbeat=0)
+    with pytest.raises(ConfigurationError, match="event_buffer"):
+        FastWorker(event_buffer=0)
+
+
+async def test_event_routes_answer_503_before_the_lifespan() -> None:
+    app, _ = make_app()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        assert (await http.get("/tasks/events")).status_code == 503
