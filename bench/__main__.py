@@ -1,0 +1,133 @@
+"""`make bench`: measure, compare with baselines from the same run, write docs/benchmarks.md.
+
+Each figure is the median of `REPEATS` runs; ratios are taken between medians measured in
+this run on this machine, so they say something even where absolute numbers do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bench.fastworker_baseline import fastworker_sequential_submit
+from bench.inprocess import asyncio_queue_ceiling, delay_cost_us, fastworker_fastapi_throughput
+
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+N = int(os.environ.get("BENCH_TASKS", "20000"))
+WORKERS = 8
+FASTWORKER_N = int(os.environ.get("BENCH_FASTWORKER_TASKS", "300"))
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+@dataclass
+class Check:
+    what: str
+    value: float
+    target: str
+    ok: bool
+
+
+async def median_of(measure: Callable[[], Awaitable[float]]) -> float:
+    return statistics.median([await measure() for _ in range(REPEATS)])
+
+
+async def main() -> int:
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores")
+    print(f"median of {REPEATS} runs; N={N} tasks, {WORKERS} workers\n")
+    ceiling = await median_of(lambda: asyncio_queue_ceiling(N, WORKERS))
+    ours = await median_of(lambda: fastworker_fastapi_throughput(N, WORKERS))
+    cost = await median_of(lambda: delay_cost_us(2000, 5))
+    print(f"asyncio.Queue ceiling        {ceiling:12,.0f} tasks/s")
+    print(f"fastworker-fastapi in-process {ours:11,.0f} tasks/s  ({ours / ceiling:.1%} of ceiling)")
+    print(f"one delay() call, median      {cost:11.2f} us")
+    fastworker = await median_of(lambda: fastworker_sequential_submit(FASTWORKER_N))
+    print(f"fastworker 0.3.0 sequential   {fastworker:11,.0f} correct tasks/s")
+    print(f"  in-process / fastworker     {ours / fastworker:11.1f} x\n")
+
+    checks = [
+        Check(
+            "in-process throughput / asyncio.Queue ceiling",
+            ours / ceiling,
+            ">= 0.25",
+            ours / ceiling >= 0.25,
+        ),
+        Check(
+            "in-process throughput / fastworker 0.3.0 sequential submit_task",
+            ours / fastworker,
+            ">= 50",
+            ours / fastworker >= 50,
+        ),
+        Check("median cost of one delay() (us)", cost, "<= 15", cost <= 15),
+    ]
+    rows = [
+        ("asyncio.Queue + 8 workers (ceiling)", f"{ceiling:,.0f} tasks/s", "1.00"),
+        (
+            "fastworker-fastapi, in-process, 8 workers",
+            f"{ours:,.0f} tasks/s",
+            f"{ours / ceiling:.2f}",
+        ),
+        (
+            "fastworker 0.3.0 Client, sequential submit_task",
+            f"{fastworker:,.0f} tasks/s",
+            f"{fastworker / ceiling:.4f}",
+        ),
+    ]
+    extra = await remote_rows()
+    write_doc(rows, checks, cost, extra)
+    failed = [c for c in checks if not c.ok]
+    for check in checks:
+        print(
+            f"{'PASS' if check.ok else 'FAIL'}  {check.what}: {check.value:.2f} (target {check.target})"
+        )
+    return 1 if failed else 0
+
+
+async def remote_rows() -> list[str]:
+    """Remote-mode rows, when the remote benchmark exists (see bench/remote.py)."""
+    try:
+        from bench.remote import run as run_remote
+    except ImportError:
+        return []
+    return await run_remote()
+
+
+def write_doc(
+    rows: list[tuple[str, str, str]], checks: list[Check], cost: float, extra: list[str]
+) -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench` (this file is rewritten by it). Every ratio compares two",
+        "figures measured in the same run on the same machine, each the median of",
+        f"{REPEATS} runs. Machine: {os.cpu_count()} cores, Python {platform.python_version()}.",
+        "",
+        f"## In-process throughput ({N:,} trivial async tasks, submitted with `delay` and awaited)",
+        "",
+        "| setup | throughput | ratio to the ceiling |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        f"One `delay()` call costs **{cost:.2f} µs** at the median.",
+        "",
+        "## Targets",
+        "",
+        "| check | value | target | |",
+        "|---|---|---|---|",
+        *[
+            f"| {c.what} | {c.value:.2f} | {c.target} | {'pass' if c.ok else 'FAIL'} |"
+            for c in checks
+        ],
+        "",
+        *extra,
+    ]
+    with open(os.path.join(DOC, "benchmarks.md"), "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
