@@ -36,7 +36,7 @@ from fastworker_fastapi.extension import FastWorker
 from fastworker_fastapi.models import CallbackState, TaskInfo, TaskList
 from fastworker_fastapi.progress import report_progress
 from fastworker_fastapi.tasks import BackgroundTask, TaskCall, background_task
-from fastworker_fastapi.workers import InProcessWorkers
+from fastworker_fastapi.workers import InProcessWorkers, RemoteWorkers
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "InvalidTaskOptionsError",
     "NotRunningError",
     "QueueFullError",
+    "RemoteWorkers",
     "ShuttingDownError",
     "SubmissionError",
     "TaskAlreadyFinishedError",

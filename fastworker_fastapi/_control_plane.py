@@ -460,6 +460,12 @@ class ControlPlaneProcess:
         """The exit status once reaped (negative: killed by that signal)."""
         return None if self._proc is None else self._proc.returncode
 
+    async def wait(self) -> int:
+        """Until the child exits (for whatever reason); its exit status."""
+        if self._proc is None:
+            raise RuntimeError("the control plane is not started")
+        return await self._proc.wait()
+
     def log_tail(self) -> str:
         """The last lines the control plane printed."""
         return "\n".join(self._log)

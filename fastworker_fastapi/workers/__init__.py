@@ -2,5 +2,6 @@
 
 from fastworker_fastapi.workers.base import Executor, WorkerSettings
 from fastworker_fastapi.workers.inprocess import InProcessWorkers
+from fastworker_fastapi.workers.remote import RemoteWorkers
 
-__all__ = ["Executor", "InProcessWorkers", "WorkerSettings"]
+__all__ = ["Executor", "InProcessWorkers", "RemoteWorkers", "WorkerSettings"]
