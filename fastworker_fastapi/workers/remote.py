@@ -361,10 +361,11 @@ class RemoteExecutor:
         """A plane with a free slot; waits in priority order, fails if none is healthy."""
         loop = asyncio.get_running_loop()
         give_up: float | None = None
+        woken = False  # a woken waiter was chosen in priority order: it must not defer again
         while True:
             if self._closed:
                 raise TaskFailed("WorkerLost", "the remote workers are shut down")
-            plane = None if self._someone_ahead(level) else self._pick()
+            plane = None if not woken and self._someone_ahead(level) else self._pick()
             if plane is not None:
                 return plane
             timeout: float | None = None
@@ -385,6 +386,7 @@ class RemoteExecutor:
             try:
                 async with asyncio.timeout(timeout):
                     await future
+                woken = True
             except TimeoutError:
                 continue
             except BaseException:
@@ -566,6 +568,7 @@ class RemoteExecutor:
         except ControlPlaneError as exc:
             self._mark_down(plane, f"failed a batch request: {exc}")
         else:
+            logger.debug("control plane %s took a batch of %d", plane.address, len(batch))
             for waiter in batch:
                 waiter.state = "sent"
 
