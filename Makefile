@@ -24,7 +24,7 @@ typecheck: bootstrap
 	$(BIN)/mypy fastworker_fastapi
 
 docs: bootstrap
-	$(BIN)/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 test: lint typecheck docs
 	$(BIN)/pytest --cov --cov-report=term-missing -q

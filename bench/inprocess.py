@@ -13,7 +13,12 @@ from fastworker_fastapi import FastWorker, InProcessWorkers
 
 
 async def asyncio_queue_ceiling(n: int, workers: int) -> float:
-    """Tasks/s of N trivial coroutines through an asyncio.Queue and W workers, awaited."""
+    """Tasks/s of N trivial coroutines through a bare asyncio.Queue and W workers, awaited.
+
+    The canonical hand-written pattern: `await queue.put(...)`, workers `await queue.get()`
+    and `task_done()`, one future per task for its result. No ids, no status, no records:
+    the ceiling that any task queue running in the same loop pays on top of.
+    """
     queue: asyncio.Queue[tuple[Callable[[int], Awaitable[Any]], int, asyncio.Future[Any]]]
     queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -22,13 +27,14 @@ async def asyncio_queue_ceiling(n: int, workers: int) -> float:
         while True:
             func, arg, future = await queue.get()
             future.set_result(await func(arg))
+            queue.task_done()
 
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     start = time.perf_counter()
     futures = []
     for i in range(n):
         future = loop.create_future()
-        queue.put_nowait((bench_noop.__wrapped__, i, future))
+        await queue.put((bench_noop.__wrapped__, i, future))
         futures.append(future)
     for future in futures:
         await future

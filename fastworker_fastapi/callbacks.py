@@ -489,7 +489,7 @@ class CallbackDispatcher:
                 base_url=settings.app_base_url,
                 headers=headers,
             )
-        self._remove_listener = store.events.add_listener(self._on_change)
+        self._remove_listener = store.events.add_listener(self._on_change, final_only=True)
         task_group.start_soon(self._main)
         self._started = True
 

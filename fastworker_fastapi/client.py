@@ -9,14 +9,15 @@ blocks the event loop, and results never get lost or mixed up.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import uuid
+import os
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, TaskStatus
 
 from fastworker_fastapi.errors import (
@@ -39,6 +40,42 @@ if TYPE_CHECKING:
 __all__ = ["TaskClient", "parse_priority"]
 
 _PRIORITIES = {p.value: p for p in TaskPriority}
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+class _TaskIds:
+    """Random version-4 UUID strings, cheaply: one `os.urandom` call per 128 ids.
+
+    Ids must be unguessable (they are the handle on a task's result), so they come from the
+    OS's CSPRNG like `uuid.uuid4()`; drawing entropy in blocks makes one id cost a slice
+    and a format instead of a syscall and a UUID object. One per client: no shared state.
+    """
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._hex):
+            self._hex = os.urandom(16 * 128).hex()
+            self._at = 0
+        h = self._hex[self._at : self._at + 32]
+        self._at += 32
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+def _simple(values: Any) -> bool:
+    """True when every value is a str, int, bool, None or finite float: JSON as it is."""
+    for value in values:
+        kind = type(value)
+        if kind is str or kind is int or kind is bool or value is None:
+            continue
+        if kind is float and value - value == 0:  # inf - inf and nan - nan are nan
+            continue
+        return False
+    return True
+
+
 _BATCH_KEYS = frozenset({"task_name", "args", "kwargs", "priority", "eta", "countdown"})
 
 
@@ -67,6 +104,7 @@ class TaskClient:
         self._scheduler: Scheduler | None = None
         self._store: TaskStore | None = None
         self._validate_callback: Callable[[str], None] | None = None
+        self._ids = _TaskIds()
 
     def _bind(
         self,
@@ -117,7 +155,7 @@ class TaskClient:
         countdown: float | None = None,
     ) -> TaskResult:
         """Submit a task and wait until it finishes; returns its final `TaskResult`."""
-        task_id = await self._submit(
+        task_id = self._submit(
             task_name, args, kwargs or {}, priority=priority, eta=eta, countdown=countdown
         )
         return await self.wait(task_id)
@@ -132,7 +170,7 @@ class TaskClient:
         **kwargs: Any,
     ) -> str:
         """Submit a task and return its id at once (the task runs in the background)."""
-        return await self._submit(
+        return self._submit(
             task_name, args, kwargs, priority=priority, eta=eta, countdown=countdown
         )
 
@@ -148,7 +186,7 @@ class TaskClient:
         **kwargs: Any,
     ) -> str:
         """Like `delay`, and deliver a completion message to `callback_address` at the end."""
-        return await self._submit(
+        return self._submit(
             task_name,
             args,
             kwargs,
@@ -227,19 +265,20 @@ class TaskClient:
             raise TaskNotFoundError(f"no task with id {task_id!r} (unknown or expired)")
         if not record.finished:
             if record.done is None:
-                record.done = anyio.Event()
-            with anyio.move_on_after(timeout) as scope:
-                await record.done.wait()
-            if scope.cancelled_caught:
+                record.done = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    await record.done.wait()
+            except TimeoutError:
                 raise WaitTimeoutError(
                     f"task {task_id} did not finish within {timeout:g}s "
                     f"(status {record.status.value!r}); it goes on running"
-                )
+                ) from None
         return record.to_task_result()
 
     # -- submission -----------------------------------------------------------------------
 
-    async def _submit(
+    def _submit(
         self,
         task_name: str,
         args: Sequence[Any],
@@ -251,7 +290,10 @@ class TaskClient:
         callback_address: str | None = None,
         callback_data: dict[str, Any] | None = None,
     ) -> str:
-        scheduler = self.scheduler
+        scheduler = self._scheduler
+        if scheduler is None:
+            self.store  # noqa: B018 - raises the explanatory error
+            raise AssertionError  # pragma: no cover
         record, delay = self._prepare(
             task_name,
             args,
@@ -279,23 +321,28 @@ class TaskClient:
         callback_data: dict[str, Any] | None = None,
     ) -> tuple[TaskRecord, float]:
         """Validate everything and build the record; raises before anything is recorded."""
-        scheduler = self.scheduler
-        definition = scheduler.executor.resolve(task_name)
+        definition = self.scheduler.executor.resolve(task_name)
         if definition is None:
             raise UnknownTaskError(
                 f"no task registered under {task_name!r}; register it with "
                 "@background_task (or fastworker's @task) in a module the app imports"
             )
         level = definition.priority if priority is None else parse_priority(priority)
-        delay, eta_utc = _schedule(eta, countdown)
-        try:
-            encoded = json.dumps((args, kwargs), allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise InvalidTaskArgumentsError(
-                f"arguments of task {task_name!r} must be JSON-serialisable so that they can "
-                f"also travel to remote workers: {exc}"
-            ) from None
-        wire_args, wire_kwargs = json.loads(encoded)
+        if eta is None and countdown is None:
+            delay, eta_utc = 0.0, None
+        else:
+            delay, eta_utc = _schedule(eta, countdown)
+        if _simple(args) and _simple(kwargs.values()):
+            wire_args, wire_kwargs = list(args), dict(kwargs)
+        else:  # what the task receives is what JSON would deliver, in both modes
+            try:
+                encoded = json.dumps((args, kwargs), allow_nan=False, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise InvalidTaskArgumentsError(
+                    f"arguments of task {task_name!r} must be JSON-serialisable so that they "
+                    f"can also travel to remote workers: {exc}"
+                ) from None
+            wire_args, wire_kwargs = json.loads(encoded)
         callback = None
         if callback_address is not None:
             if not isinstance(callback_address, str) or not callback_address:
@@ -311,14 +358,14 @@ class TaskClient:
                     ) from None
             callback = CallbackInfo(address=callback_address, data=callback_data)
         record = TaskRecord(
-            id=str(uuid.uuid4()),
+            id=self._ids.next(),
             name=definition.name,
             args=wire_args,
             kwargs=wire_kwargs,
             priority=level,
             policy=definition.policy,
             status=TaskStatus.PENDING,
-            created_at=utcnow(),
+            created=time.time(),
             eta=eta_utc,
             callback=callback,
         )
@@ -327,8 +374,6 @@ class TaskClient:
 
 def _schedule(eta: datetime | None, countdown: float | None) -> tuple[float, datetime | None]:
     """Seconds to wait and the absolute eta (aware UTC); naive etas are local time."""
-    if eta is None and countdown is None:
-        return 0.0, None
     if eta is not None and countdown is not None:
         raise InvalidTaskOptionsError("give eta or countdown, not both")
     now = utcnow()

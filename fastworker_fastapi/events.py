@@ -57,6 +57,14 @@ class Subscription:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.close()
 
+    @staticmethod
+    def _call(listeners: list[Listener], record: TaskRecord) -> None:
+        for listener in tuple(listeners):
+            try:
+                listener(record)
+            except Exception:
+                logger.exception("task event listener %r failed", listener)
+
     def close(self) -> None:
         """Stop receiving: the reader sees the end of the stream after what is buffered."""
         self._hub._subscriptions.discard(self)
@@ -78,12 +86,15 @@ class EventHub:
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._final_listeners: list[Listener] = []
         self._subscriptions: set[Subscription] = set()
 
-    def add_listener(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener(record)` on every change; returns a function that removes it."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+    def add_listener(self, listener: Listener, *, final_only: bool = False) -> Callable[[], None]:
+        """Call `listener(record)` on every change (or only when a task reaches a final
+        status, with `final_only`); returns a function that removes it."""
+        listeners = self._final_listeners if final_only else self._listeners
+        listeners.append(listener)
+        return lambda: listeners.remove(listener)
 
     def subscribe(
         self, *, max_buffer: int = 256, accept: RecordFilter | None = None
@@ -99,11 +110,9 @@ class EventHub:
 
     def publish(self, record: TaskRecord) -> None:
         if self._listeners:
-            for listener in tuple(self._listeners):
-                try:
-                    listener(record)
-                except Exception:
-                    logger.exception("task event listener %r failed", listener)
+            self._call(self._listeners, record)
+        if self._final_listeners and record.finished:
+            self._call(self._final_listeners, record)
         if self._subscriptions:
             snapshot: TaskInfo | None = None
             for subscription in tuple(self._subscriptions):
@@ -112,6 +121,14 @@ class EventHub:
                 if snapshot is None:
                     snapshot = TaskInfo.from_record(record)
                 subscription._offer(snapshot)
+
+    @staticmethod
+    def _call(listeners: list[Listener], record: TaskRecord) -> None:
+        for listener in tuple(listeners):
+            try:
+                listener(record)
+            except Exception:
+                logger.exception("task event listener %r failed", listener)
 
     def close(self) -> None:
         """End every subscription (shutdown): readers see the end of their stream."""

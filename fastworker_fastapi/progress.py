@@ -103,7 +103,7 @@ class ProgressPublisher:
         self._seq = itertools.count()
         self._wake = anyio.Event()
         self._loop_thread = threading.get_ident()  # built on the loop, in the extension's run
-        store.events.add_listener(self._forget)
+        store.events.add_listener(self._forget, final_only=True)
 
     @contextmanager
     def bind(self) -> Iterator[None]:

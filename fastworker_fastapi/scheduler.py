@@ -1,8 +1,8 @@
 """One scheduler for both modes: queues, eta, retries, timeouts, cancellation, flow control.
 
 ```
-submit ──► eta heap (SCHEDULED / RETRYING) ──timer──┐
-   │                                                 ▼
+submit ──► timer (SCHEDULED / RETRYING: loop.call_at) ──┐
+   │                                                    ▼
    └──────────────► 4 FIFO queues (critical > high > normal > low) ──► N worker loops
                                                                           │ executor.run()
                       RETRYING ◄── failure with retries left ◄────────────┤
@@ -12,21 +12,22 @@ submit ──► eta heap (SCHEDULED / RETRYING) ──timer──┐
 
 `N` is the executor's concurrency, so flow control is simply the number of worker loops;
 each loop takes the oldest task of the highest non-empty priority. A worker that finds the
-queues empty parks on its own event and is woken by the next submission, so an idle
-scheduler costs nothing and a submission costs a deque append.
+queues empty parks on a future and is woken by the next submission, so an idle scheduler
+costs nothing and a submission costs a deque append.
 
-The worker loops and the timer live in the extension's task group: nothing is fire-and-forget.
+The worker loops live in the extension's task group: nothing is fire-and-forget. The hot
+path uses asyncio's own primitives (futures, `call_at`, `Task.cancel`/`uncancel`, which cost
+a fraction of anyio's cancel scopes): a task is one deque append, one loop iteration and a
+few attribute writes. FastAPI and Starlette run on asyncio, which `start()` checks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import heapq
-import itertools
 import json
 import logging
 import math
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from fastworker.tasks.models import TaskPriority, TaskStatus
 
 from fastworker_fastapi import _context
 from fastworker_fastapi.errors import (
+    ConfigurationError,
     NotRunningError,
     QueueFullError,
     ShuttingDownError,
@@ -78,26 +80,31 @@ class Scheduler:
         self._client = client
         self.max_pending = max_pending
         self._queues: tuple[deque[TaskRecord], ...] = tuple(deque() for _ in _LEVELS)
-        self._heap: list[tuple[float, int, TaskRecord]] = []
-        self._seq = itertools.count()
-        self._idle: deque[anyio.Event] = deque()
-        self._timer_wake = anyio.Event()
-        self._running: set[TaskRecord] = set()
+        self._timers: dict[TaskRecord, asyncio.TimerHandle] = {}
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._running: dict[TaskRecord, asyncio.Task[Any]] = {}
+        self._cancel_requested: set[TaskRecord] = set()
         self._live = 0
         self._active_workers = 0
-        self._workers_done = anyio.Event()
-        self._started = False
+        self._workers_done: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.accepting = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self, task_group: TaskGroup) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigurationError(
+                "FastWorker's scheduler needs the asyncio event loop (FastAPI's and "
+                "uvicorn's default); trio is not supported"
+            ) from None
+        self._workers_done = asyncio.Event()
         for _ in range(self.executor.concurrency):
             self._active_workers += 1
             task_group.start_soon(self._worker)
-        task_group.start_soon(self._timer)
-        self._started = True
         self.accepting = True
 
     async def shutdown(self, timeout: float) -> None:
@@ -108,30 +115,27 @@ class Scheduler:
         """
         self.accepting = False
         self._closing = True
-        for _, _, record in list(self._heap):
-            if record.status not in FINAL_STATUSES:
-                self._cancel_record(
-                    record, "ShutdownCancelled", "the app shut down before its scheduled time"
-                )
-        self._heap.clear()
-        self._timer_wake.set()
+        for record in list(self._timers):
+            self._cancel_record(
+                record, "ShutdownCancelled", "the app shut down before its scheduled time"
+            )
         self._wake_all()
-        if not self._started:
+        done = self._workers_done
+        if done is None:
             return
         with anyio.move_on_after(timeout):
-            await self._workers_done.wait()
-        if self._workers_done.is_set():
+            await done.wait()
+        if done.is_set():
             return
         why = f"shutdown_timeout ({timeout:g}s) elapsed"
         for queue in self._queues:
             for record in list(queue):
                 self._cancel_record(record, "ShutdownCancelled", f"{why} before it ran")
-            queue.clear()
         for record in list(self._running):
             self._cancel_record(record, "ShutdownCancelled", f"{why} before it finished")
         with anyio.move_on_after(5):
-            await self._workers_done.wait()
-        if not self._workers_done.is_set():  # pragma: no cover - a task that ignores cancel
+            await done.wait()
+        if not done.is_set():  # pragma: no cover - a task that ignores cancellation
             logger.warning("some tasks ignored cancellation at shutdown; abandoning them")
 
     # -- submission -----------------------------------------------------------------------
@@ -154,11 +158,17 @@ class Scheduler:
         if delay > 0:
             record.status = TaskStatus.SCHEDULED
             self.store.add(record)
-            self._push_timer(record, delay)
+            self._call_later(record, delay)
         else:
             record.status = TaskStatus.QUEUED
             self.store.add(record)
-            self._enqueue(record)
+            self._queues[_LEVELS[record.priority]].append(record)
+            idle = self._idle
+            while idle:
+                waiter = idle.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
 
     def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a task that has not finished; raises for unknown and finished ones."""
@@ -181,44 +191,49 @@ class Scheduler:
 
     def _enqueue(self, record: TaskRecord) -> None:
         self._queues[_LEVELS[record.priority]].append(record)
-        if self._idle:
-            self._idle.popleft().set()
+        idle = self._idle
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _wake_all(self) -> None:
         while self._idle:
-            self._idle.popleft().set()
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
-    def _push_timer(self, record: TaskRecord, delay: float) -> None:
-        due = time.monotonic() + delay
-        heapq.heappush(self._heap, (due, next(self._seq), record))
-        if self._heap[0][2] is record:
-            self._timer_wake.set()
+    def _call_later(self, record: TaskRecord, delay: float) -> None:
+        assert self._loop is not None
+        self._timers[record] = self._loop.call_later(delay, self._due, record)
 
-    def _pop(self) -> TaskRecord | None:
-        for queue in self._queues:
-            if queue:
-                return queue.popleft()
-        return None
+    def _due(self, record: TaskRecord) -> None:
+        """A scheduled task's eta, or a retry's delay, has come."""
+        del self._timers[record]
+        if record.status is TaskStatus.SCHEDULED:
+            record.status = TaskStatus.QUEUED
+            self.store.changed(record)
+        self._enqueue(record)
 
     def _cancel_record(self, record: TaskRecord, error_type: str, message: str) -> None:
         """Finalize as CANCELLED and take the record out of wherever it waits or runs."""
         if record.status in FINAL_STATUSES:
             return
-        queue = self._queues[_LEVELS[record.priority]]
-        with contextlib.suppress(ValueError):
-            queue.remove(record)
-        for index, entry in enumerate(self._heap):
-            if entry[2] is record:
-                self._heap[index] = self._heap[-1]
-                self._heap.pop()
-                heapq.heapify(self._heap)
-                break
-        scope = record.cancel_scope
+        timer = self._timers.pop(record, None)
+        if timer is not None:
+            timer.cancel()
+        else:
+            queue = self._queues[_LEVELS[record.priority]]
+            with contextlib.suppress(ValueError):  # not queued: it is running
+                queue.remove(record)
         self._finalize(
             record, TaskStatus.CANCELLED, error_type=error_type, error=f"{error_type}: {message}"
         )
-        if scope is not None:
-            scope.cancel()
+        runner = self._running.get(record)
+        if runner is not None and record not in self._cancel_requested:
+            self._cancel_requested.add(record)
+            runner.cancel(f"fastworker task {record.id}: {message}")
 
     def _finalize(
         self,
@@ -237,49 +252,33 @@ class Scheduler:
         self._live -= 1
         self.store.finished(record)
 
-    async def _timer(self) -> None:
-        heap = self._heap
-        while not self._closing:
-            self._timer_wake = anyio.Event()
-            if not heap:
-                await self._timer_wake.wait()
-                continue
-            wait = heap[0][0] - time.monotonic()
-            if wait > 0:
-                with anyio.move_on_after(wait):
-                    await self._timer_wake.wait()
-                continue
-            _, _, record = heapq.heappop(heap)
-            if record.status is TaskStatus.SCHEDULED:
-                record.status = TaskStatus.QUEUED
-                self.store.changed(record)
-                self._enqueue(record)
-            elif record.status is TaskStatus.RETRYING:
-                self._enqueue(record)
-
     async def _worker(self) -> None:
         _context.current_client.set(self._client)
+        runner = asyncio.current_task()
+        assert runner is not None and self._loop is not None
+        queues = self._queues
         try:
             while True:
-                record = self._pop()
-                if record is None:
+                for queue in queues:
+                    if queue:
+                        await self._run(queue.popleft(), runner)
+                        break
+                else:
                     if self._closing:
                         return
-                    event = anyio.Event()
-                    self._idle.append(event)
-                    await event.wait()
-                    continue
-                await self._run(record)
+                    waiter = self._loop.create_future()
+                    self._idle.append(waiter)
+                    await waiter
         finally:
             self._active_workers -= 1
-            if self._active_workers == 0:
+            if self._active_workers == 0 and self._workers_done is not None:
                 self._workers_done.set()
 
-    async def _run(self, record: TaskRecord) -> None:
+    async def _run(self, record: TaskRecord, runner: asyncio.Task[Any]) -> None:
         record.status = TaskStatus.RUNNING
         record.started_at = utcnow()
         record.attempts += 1
-        self._running.add(record)
+        self._running[record] = runner
         self.store.changed(record)
         timeout = record.policy.timeout
         timed_out = False
@@ -287,23 +286,31 @@ class Scheduler:
         value: Any = None
         token = _context.current_record.set(record)
         try:
-            with anyio.CancelScope() as scope:
-                record.cancel_scope = scope
+            if timeout is None:
+                value = await self.executor.run(record)
+            else:
+                deadline = asyncio.timeout(timeout)
                 try:
-                    if timeout is None:
+                    async with deadline:
                         value = await self.executor.run(record)
-                    else:
-                        with anyio.move_on_after(timeout) as deadline:
-                            value = await self.executor.run(record)
-                        timed_out = deadline.cancelled_caught
-                except BaseException as exc:
-                    if isinstance(exc, anyio.get_cancelled_exc_class()):
-                        raise
-                    failure = exc  # SystemExit from a task must not stop a worker either
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise  # the task's own TimeoutError: an ordinary failure
+                    timed_out = True
+        except asyncio.CancelledError:
+            if record not in self._cancel_requested:
+                raise  # not ours: the extension is being torn down
+            self._cancel_requested.discard(record)
+            if runner.uncancel() > 0:
+                raise  # someone else cancelled the worker too
+        except BaseException as exc:
+            failure = exc  # SystemExit from a task must not stop a worker either
         finally:
             _context.current_record.reset(token)
-            record.cancel_scope = None
-            self._running.discard(record)
+            del self._running[record]
+        if record in self._cancel_requested:  # the task swallowed our cancellation
+            self._cancel_requested.discard(record)
+            runner.uncancel()
         if record.status is not TaskStatus.RUNNING:
             return  # cancelled while running: already final, a late outcome is discarded
         if timed_out:
@@ -357,7 +364,7 @@ class Scheduler:
         record.error = error
         record.error_type = error_type
         self.store.changed(record)
-        self._push_timer(record, policy.retry_delay_for(record.attempts))
+        self._call_later(record, policy.retry_delay_for(record.attempts))
 
 
 def _json_value(value: Any) -> Any:

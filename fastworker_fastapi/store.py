@@ -8,8 +8,9 @@ expire by age (`result_ttl`) and by count (`max_results`), oldest first.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,8 +19,6 @@ from typing import TYPE_CHECKING, Any
 from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, TaskStatus
 
 if TYPE_CHECKING:
-    import anyio
-
     from fastworker_fastapi.events import EventHub
 
 __all__ = ["FINAL_STATUSES", "TaskPolicy", "TaskRecord", "TaskStore"]
@@ -70,7 +69,7 @@ class TaskRecord:
     priority: TaskPriority
     policy: TaskPolicy
     status: TaskStatus
-    created_at: datetime
+    created: float  # time.time(): cheap to take; `created_at` makes the datetime when read
     eta: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
@@ -83,8 +82,11 @@ class TaskRecord:
     progress: float | None = None
     progress_message: str | None = None
     # Runtime only: never shown, never serialised.
-    done: anyio.Event | None = field(default=None, repr=False)
-    cancel_scope: anyio.CancelScope | None = field(default=None, repr=False)
+    done: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def created_at(self) -> datetime:
+        return datetime.fromtimestamp(self.created, UTC)
 
     @property
     def finished(self) -> bool:
@@ -93,16 +95,56 @@ class TaskRecord:
     def to_task_result(self) -> TaskResult:
         """FastWorker's view: `PENDING` until final, whatever the finer state."""
         if self.status not in FINAL_STATUSES:
-            return TaskResult(task_id=self.id, status=TaskStatus.PENDING, callback=self.callback)
-        return TaskResult(
-            task_id=self.id,
-            status=self.status,
-            result=self.result,
-            error=self.error,
-            started_at=self.started_at,
-            completed_at=self.completed_at,
-            callback=self.callback,
+            return _task_result(self.id, TaskStatus.PENDING, None, None, None, None, self.callback)
+        return _task_result(
+            self.id,
+            self.status,
+            self.result,
+            self.error,
+            self.started_at,
+            self.completed_at,
+            self.callback,
         )
+
+
+_TASK_RESULT_FIELDS = frozenset(TaskResult.model_fields)
+_new_task_result = TaskResult.__new__
+_set = object.__setattr__
+
+
+def _task_result(
+    task_id: str,
+    status: TaskStatus,
+    result: Any,
+    error: str | None,
+    started_at: datetime | None,
+    completed_at: datetime | None,
+    callback: CallbackInfo | None,
+) -> TaskResult:
+    """A `TaskResult` from values the store already holds valid, without re-validating.
+
+    This is what pydantic's `model_construct` does, at half its cost: `wait()` builds one per
+    task, so it is on the throughput path. A test compares it with a validated instance, so
+    a pydantic change that breaks it is caught.
+    """
+    model = _new_task_result(TaskResult)
+    _set(
+        model,
+        "__dict__",
+        {
+            "task_id": task_id,
+            "status": status,
+            "result": result,
+            "error": error,
+            "started_at": started_at,
+            "completed_at": completed_at,
+            "callback": callback,
+        },
+    )
+    _set(model, "__pydantic_fields_set__", set(_TASK_RESULT_FIELDS))
+    _set(model, "__pydantic_extra__", None)
+    _set(model, "__pydantic_private__", None)
+    return model
 
 
 class TaskStore:
@@ -113,7 +155,7 @@ class TaskStore:
         self.result_ttl = result_ttl
         self.max_results = max_results
         self._records: dict[str, TaskRecord] = {}
-        self._finished: OrderedDict[str, float] = OrderedDict()  # id -> monotonic finish time
+        self._finished: deque[tuple[float, str]] = deque()  # (monotonic finish time, id)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -132,7 +174,7 @@ class TaskStore:
 
     def finished(self, record: TaskRecord) -> None:
         """Record that a task reached a final status: wake waiters, start its expiry clock."""
-        self._finished[record.id] = time.monotonic()
+        self._finished.append((time.monotonic(), record.id))
         if record.done is not None:
             record.done.set()
         self.events.publish(record)
@@ -168,9 +210,5 @@ class TaskStore:
             return
         deadline = time.monotonic() - self.result_ttl
         records = self._records
-        while finished:
-            task_id, at = next(iter(finished.items()))
-            if len(finished) <= self.max_results and at > deadline:
-                break
-            finished.popitem(last=False)
-            records.pop(task_id, None)
+        while finished and (len(finished) > self.max_results or finished[0][0] <= deadline):
+            records.pop(finished.popleft()[1], None)

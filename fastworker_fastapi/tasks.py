@@ -117,7 +117,7 @@ class TaskCall[**P, R]:
         """Submit the task and return its id at once."""
         o = self._options
         client = o.client if o.client is not None else resolve_client()
-        return await client._submit(
+        return client._submit(
             self._task.name,
             args,
             kwargs,

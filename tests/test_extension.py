@@ -246,8 +246,6 @@ async def test_run_without_an_app_and_not_twice() -> None:
 
 
 def test_record_status_is_pending_until_final() -> None:
-    from datetime import UTC, datetime
-
     from fastworker_fastapi import TaskPriority
     from fastworker_fastapi.store import TaskPolicy
 
@@ -259,6 +257,46 @@ def test_record_status_is_pending_until_final() -> None:
         priority=TaskPriority.NORMAL,
         policy=TaskPolicy(),
         status=TaskStatus.RETRYING,
-        created_at=datetime.now(UTC),
+        created=0.0,
     )
     assert record.to_task_result().status is TaskStatus.PENDING
+
+
+def test_task_results_built_by_the_store_equal_validated_ones() -> None:
+    """The store builds `TaskResult`s without validation; this catches a pydantic change."""
+    from datetime import UTC, datetime
+
+    from fastworker.tasks.models import CallbackInfo
+
+    from fastworker_fastapi import TaskPriority, TaskResult
+    from fastworker_fastapi.store import TaskPolicy
+
+    now = datetime.now(UTC)
+    callback = CallbackInfo(address="/cb", data={"a": 1})
+    record = TaskRecord(
+        id="x",
+        name="n",
+        args=[],
+        kwargs={},
+        priority=TaskPriority.NORMAL,
+        policy=TaskPolicy(),
+        status=TaskStatus.SUCCESS,
+        created=0.0,
+        started_at=now,
+        completed_at=now,
+        result={"k": [1]},
+        callback=callback,
+    )
+    built = record.to_task_result()
+    validated = TaskResult(
+        task_id="x",
+        status=TaskStatus.SUCCESS,
+        result={"k": [1]},
+        started_at=now,
+        completed_at=now,
+        callback=callback,
+    )
+    assert built == validated
+    assert built.model_dump_json() == validated.model_dump_json()
+    assert repr(built) == repr(validated)
+    assert built.model_copy(update={"result": 2}).result == 2

@@ -7,7 +7,6 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -357,7 +356,7 @@ def _record(name: str = "live_x") -> TaskRecord:
         priority=TaskPriority.NORMAL,
         policy=TaskPolicy(),
         status=TaskStatus.RUNNING,
-        created_at=datetime.now(UTC),
+        created=time.time(),
     )
 
 

@@ -9,6 +9,7 @@ anyio cancellation of its `run()` call.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -36,8 +37,11 @@ class Executor(Protocol):
         """Get ready to run tasks; background loops go in `task_group`."""
         ...
 
-    async def run(self, record: TaskRecord) -> Any:
-        """Run one attempt of the task and return its value (or raise its error)."""
+    def run(self, record: TaskRecord) -> Awaitable[Any]:
+        """Run one attempt of the task: an awaitable of its value (or raising its error).
+
+        `async def run(...)` satisfies this; returning the task's own coroutine saves a frame.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -9,6 +9,7 @@ that and the thread's late result is discarded.
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,14 +68,19 @@ class InProcessExecutor:
     async def start(self, task_group: TaskGroup) -> None:
         self._limiter = anyio.CapacityLimiter(self._thread_limit)
 
-    async def run(self, record: TaskRecord) -> Any:
+    def run(self, record: TaskRecord) -> Awaitable[Any]:
         definition = self._registry.get(record.name)
         if definition is None:  # unregistered after submission: refuse clearly
-            raise UnknownTaskError(f"no task registered under {record.name!r}")
-        if definition.is_async:
-            return await definition.func(*record.args, **record.kwargs)
+            return _raise(UnknownTaskError(f"no task registered under {record.name!r}"))
+        if definition.is_async:  # the task's own coroutine: no wrapper frame
+            coroutine: Awaitable[Any] = definition.func(*record.args, **record.kwargs)
+            return coroutine
         call = functools.partial(definition.func, *record.args, **record.kwargs)
-        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._limiter)
+        return anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._limiter)
 
     async def aclose(self) -> None:
         return None
+
+
+async def _raise(error: Exception) -> Any:
+    raise error

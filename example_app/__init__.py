@@ -1,0 +1,1 @@
+"""The example app: every pattern of FastWorker's async-patterns guide, on fastworker-fastapi."""
