@@ -18,6 +18,7 @@ from example_app import tasks
 from fastworker_fastapi import (
     FastWorker,
     InProcessWorkers,
+    RemoteWorkers,
     TaskCallback,
     TaskClientDep,
     TaskPriority,
@@ -30,10 +31,7 @@ from fastworker_fastapi.workers import WorkerSettings
 def choose_workers() -> WorkerSettings:
     """In-process by default; FASTWORKER_MODE=remote for spawned control planes."""
     if os.environ.get("FASTWORKER_MODE", "inprocess") == "remote":
-        from fastworker_fastapi import RemoteWorkers  # type: ignore[attr-defined]
-
-        settings: WorkerSettings = RemoteWorkers(spawn=2)
-        return settings
+        return RemoteWorkers(spawn=2)
     return InProcessWorkers(concurrency=8)
 
 

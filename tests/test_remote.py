@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import _rm_tasks  # noqa: F401 - registers the rm_ tasks in this process too
 import anyio
@@ -34,11 +35,14 @@ from fastworker_fastapi import (
     TaskStatus,
 )
 from fastworker_fastapi._control_plane import (
+    ControlPlaneError,
     ControlPlanePorts,
+    ControlPlaneTimeoutError,
     find_control_plane_ports,
     find_fastworker_executable,
 )
 from fastworker_fastapi._nng import format_tcp_address, pair0_send
+from fastworker_fastapi.store import TaskPolicy, TaskRecord
 from fastworker_fastapi.tasks import TaskRegistry
 from fastworker_fastapi.workers.remote import RemoteExecutor, _outcome
 from tests.conftest import eventually, serve
@@ -483,3 +487,173 @@ async def test_no_healthy_plane_fails_clearly_and_foreign_callbacks_are_ignored(
     assert result.status is TaskStatus.FAILURE
     assert result.error is not None and "WorkerUnavailable" in result.error
     assert dead in result.error
+
+
+# -- failure paths, with a test double for the control-plane connection ---------------------
+
+
+class FakeConnection:
+    """Stands in for `ControlPlaneConnection`; each address behaves as the test says."""
+
+    behaviours: ClassVar[dict[str, str]] = {}
+    executors: ClassVar[list[RemoteExecutor]] = []
+
+    def __init__(self, base_address: str) -> None:
+        self.base_address = base_address
+        self.batches: list[list[dict[str, Any]]] = []
+        self.cancelled: list[str] = []
+        self.gate = asyncio.Event()
+
+    async def submit_batch(
+        self, tasks: list[dict[str, Any]], *, priority: str, timeout: float
+    ) -> None:
+        behaviour = self.behaviours[self.base_address]
+        if behaviour == "unsent":
+            raise ControlPlaneTimeoutError("no connection", request_sent=False)
+        if behaviour == "invalid":
+            raise ValueError("invalid FastWorker task")
+        if behaviour == "broken":
+            raise ControlPlaneError("request failed")
+        if behaviour == "slow":
+            await self.gate.wait()
+        self.batches.append(tasks)
+        if behaviour == "echo":
+            for task in tasks:
+                message = {"task_id": task["id"], "status": "success", "result": task["args"]}
+                self.executors[0]._on_callback(json.dumps(message).encode())
+
+    async def cancel(self, task_id: str, *, timeout: float) -> bool:
+        self.cancelled.append(task_id)
+        if self.behaviours[self.base_address] == "slow":
+            raise ControlPlaneError("cancel failed")
+        return True
+
+    async def ping(self, *, timeout: float) -> bool:
+        return self.behaviours[self.base_address] != "dead"
+
+    async def aclose(self) -> None:
+        return None
+
+
+def fake_record(name: str = "rm_add", *args: Any, timeout: float | None = None) -> TaskRecord:
+    return TaskRecord(
+        id=f"rec-{name}-{args}",
+        name=name,
+        args=list(args),
+        kwargs={},
+        priority=TaskPriority.NORMAL,
+        policy=TaskPolicy(timeout=timeout),
+        status=TaskStatus.RUNNING,
+        created=time.time(),
+        attempts=1,
+    )
+
+
+@asynccontextmanager
+async def fake_executor(
+    monkeypatch: pytest.MonkeyPatch, behaviours: dict[str, str], **options: Any
+) -> AsyncIterator[RemoteExecutor]:
+    monkeypatch.setattr("fastworker_fastapi.workers.remote.ControlPlaneConnection", FakeConnection)
+    monkeypatch.setattr(FakeConnection, "behaviours", behaviours)
+    executor = RemoteWorkers(addresses=list(behaviours), **options).build_executor(TaskRegistry())
+    monkeypatch.setattr(FakeConnection, "executors", [executor])
+    async with anyio.create_task_group() as group:
+        await executor.start(group)
+        try:
+            yield executor
+        finally:
+            await executor.aclose()
+
+
+def connection(executor: RemoteExecutor, address: str) -> FakeConnection:
+    return cast(FakeConnection, executor._planes[address].connection)
+
+
+async def test_a_batch_that_never_left_goes_to_another_plane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    planes = {"tcp://127.0.0.1:1": "unsent", "tcp://127.0.0.1:2": "echo"}
+    async with fake_executor(monkeypatch, planes) as executor:
+        assert await executor.run(fake_record("rm_add", 4, 5)) == [4, 5]
+        assert executor.planes() == {"tcp://127.0.0.1:1": False, "tcp://127.0.0.1:2": True}
+        with pytest.raises(RuntimeError, match="only once"):
+            await executor.start(cast(Any, None))
+
+
+async def test_refused_and_failed_batches_fail_their_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with fake_executor(monkeypatch, {"tcp://127.0.0.1:1": "invalid"}) as executor:
+        with pytest.raises(TaskFailed, match="InvalidTask"):
+            await executor.run(fake_record())
+    async with fake_executor(monkeypatch, {"tcp://127.0.0.1:1": "broken"}) as executor:
+        with pytest.raises(
+            TaskFailed, match=r"WorkerLost: control plane tcp://127\.0\.0\.1:1 failed"
+        ):
+            await executor.run(fake_record())
+
+
+async def test_a_lost_callback_ends_at_the_task_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    address = "tcp://127.0.0.1:1"
+    async with fake_executor(monkeypatch, {address: "silent"}, task_deadline=0.2) as executor:
+        with pytest.raises(TaskFailed, match=r"within task_deadline=0\.2s"):
+            await executor.run(fake_record())
+        # The plane is asked to cancel it; once it confirms, the slot is free again.
+        await eventually(lambda: not executor._zombies and connection(executor, address).cancelled)
+
+
+async def test_cancelled_attempts_leave_the_outbox_or_hold_their_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    address = "tcp://127.0.0.1:1"
+    async with fake_executor(monkeypatch, {address: "slow"}, max_in_flight=2) as executor:
+        sending = asyncio.create_task(executor.run(fake_record("rm_add", 1)))
+        await eventually(lambda: [w.state for w in executor._waiters.values()] == ["sending"])
+        queued = asyncio.create_task(executor.run(fake_record("rm_add", 2)))
+        waiting = asyncio.create_task(executor.run(fake_record("rm_add", 3)))  # plane is full
+        await eventually(lambda: len(executor._waiters) == 2 and executor._slot_waiters)
+        plane = executor._planes[address]
+        assert [len(q) for q in plane.outbox] == [0, 0, 1, 0]
+        for task in (queued, waiting, sending):
+            task.cancel()
+        for task in (queued, waiting, sending):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert plane.outbox == [[], [], [], []]
+        # The one being sent may run: its slot stays taken (the cancel on the plane failed).
+        assert plane.load == 1 and len(executor._zombies) == 1
+        await eventually(lambda: connection(executor, address).cancelled)
+        assert plane.load == 1
+        # Its late callback frees the slot and is counted.
+        wire_id = next(iter(executor._zombies))
+        executor._on_callback(json.dumps({"task_id": wire_id, "status": "success"}).encode())
+        assert plane.load == 0 and executor.late_callbacks == 1
+        connection(executor, address).gate.set()
+
+
+async def test_a_plane_that_stops_answering_is_marked_down_and_back_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    address = "tcp://127.0.0.1:1"
+    behaviours = {address: "silent"}
+    async with fake_executor(monkeypatch, behaviours, health_interval=0.01) as executor:
+        running = asyncio.create_task(executor.run(fake_record()))
+        await eventually(lambda: [w.state for w in executor._waiters.values()] == ["sent"])
+        behaviours[address] = "dead"
+        with pytest.raises(
+            TaskFailed, match=r"WorkerLost: control plane tcp://127\.0\.0\.1:1 stopped"
+        ):
+            await running
+        assert executor.planes() == {address: False}
+        behaviours[address] = "silent"
+        await eventually(lambda: executor.planes() == {address: True})
+
+
+async def test_a_callback_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        workers = RemoteWorkers(addresses=["tcp://127.0.0.1:1"], callback_port=port)
+        executor = workers.build_executor(TaskRegistry())
+        async with anyio.create_task_group() as group:
+            with pytest.raises(ConfigurationError, match="cannot listen for callbacks"):
+                await executor.start(group)
