@@ -657,3 +657,12 @@ async def test_a_callback_port_in_use_is_a_clear_error() -> None:
         async with anyio.create_task_group() as group:
             with pytest.raises(ConfigurationError, match="cannot listen for callbacks"):
                 await executor.start(group)
+
+
+def test_the_example_app_uses_two_spawned_planes_in_remote_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from example_app.main import choose_workers
+
+    monkeypatch.setenv("FASTWORKER_MODE", "remote")
+    assert choose_workers() == RemoteWorkers(spawn=2)
