@@ -81,9 +81,8 @@ async def main() -> int:
     write_doc(rows, checks, cost, extra)
     failed = [c for c in checks if not c.ok]
     for check in checks:
-        print(
-            f"{'PASS' if check.ok else 'FAIL'}  {check.what}: {check.value:.2f} (target {check.target})"
-        )
+        verdict = "PASS" if check.ok else "FAIL"
+        print(f"{verdict}  {check.what}: {check.value:.2f} (target {check.target})")
     return 1 if failed else 0
 
 

@@ -93,4 +93,3 @@ async def test_report_status_of_unknown_task() -> None:
     async with serve(app) as http:
         response = await http.get("/reports/tasks/unknown")
     assert response.status_code == 404
-
