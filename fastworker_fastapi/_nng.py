@@ -134,6 +134,9 @@ class Pair0Listener:
             for task in handlers:
                 task.cancel()
             await asyncio.gather(*handlers, return_exceptions=True)
+            # Their done callbacks (which discard them) may not have run yet, and awaiting
+            # already-finished tasks does not yield to the loop: without this the loop spins.
+            self._handlers.difference_update(handlers)
         if server is not None:
             await server.wait_closed()
 

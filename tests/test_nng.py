@@ -270,6 +270,23 @@ async def test_aclose_closes_live_connections_and_leaves_no_tasks() -> None:
             writer.close()
 
 
+async def test_aclose_forgets_finished_handlers_whose_callbacks_have_not_run() -> None:
+    """A handler that finished just before aclose() still sits in the set (its discard
+    callback runs on the next loop turn); awaiting finished tasks does not yield, so aclose()
+    must drop them itself or it spins forever (seen at shutdown after 1000 callbacks)."""
+    listener = Pair0Listener(Inbox())
+    await listener.start()
+
+    async def finished() -> None:
+        return None
+
+    task = asyncio.ensure_future(finished())
+    await task  # done; no discard callback was ever registered for it
+    listener._handlers.add(task)
+    await listener.aclose()
+    assert listener.connection_count == 0
+
+
 # --- against a real control plane ------------------------------------------------------------
 
 
