@@ -44,24 +44,25 @@ _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 class _TaskIds:
-    """Random version-4 UUID strings, cheaply: one `os.urandom` call per 128 ids.
+    """Random version-4 UUID strings, cheaply: one `os.urandom` call per 256 ids.
 
     Ids must be unguessable (they are the handle on a task's result), so they come from the
-    OS's CSPRNG like `uuid.uuid4()`; drawing entropy in blocks makes one id cost a slice
-    and a format instead of a syscall and a UUID object. One per client: no shared state.
+    OS's CSPRNG like `uuid.uuid4()`; drawing and formatting them in blocks makes one id cost
+    a list pop instead of a syscall and a UUID object. One per client: no shared state.
     """
 
     def __init__(self) -> None:
-        self._hex = ""
-        self._at = 0
+        self._pool: list[str] = []
 
     def next(self) -> str:
-        if self._at >= len(self._hex):
-            self._hex = os.urandom(16 * 128).hex()
-            self._at = 0
-        h = self._hex[self._at : self._at + 32]
-        self._at += 32
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+        pool = self._pool
+        if not pool:
+            raw = os.urandom(16 * 256).hex()
+            pool.extend(
+                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                for h in (raw[i : i + 32] for i in range(0, len(raw), 32))
+            )
+        return pool.pop()
 
 
 def _simple(values: Any) -> bool:
@@ -221,9 +222,9 @@ class TaskClient:
                     spec["task_name"],
                     spec.get("args", ()),
                     spec.get("kwargs") or {},
-                    priority=spec.get("priority", default_priority),
-                    eta=spec.get("eta"),
-                    countdown=spec.get("countdown"),
+                    spec.get("priority", default_priority),
+                    spec.get("eta"),
+                    spec.get("countdown"),
                 )
             )
         scheduler.check_capacity(len(prepared))
@@ -295,14 +296,7 @@ class TaskClient:
             self.store  # noqa: B018 - raises the explanatory error
             raise AssertionError  # pragma: no cover
         record, delay = self._prepare(
-            task_name,
-            args,
-            kwargs,
-            priority=priority,
-            eta=eta,
-            countdown=countdown,
-            callback_address=callback_address,
-            callback_data=callback_data,
+            task_name, args, kwargs, priority, eta, countdown, callback_address, callback_data
         )
         scheduler.check_capacity()
         scheduler.submit(record, delay)
@@ -313,7 +307,6 @@ class TaskClient:
         task_name: str,
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
-        *,
         priority: TaskPriority | str | None,
         eta: datetime | None,
         countdown: float | None,
@@ -368,6 +361,7 @@ class TaskClient:
             created=time.time(),
             eta=eta_utc,
             callback=callback,
+            definition=definition,
         )
         return record, delay
 

@@ -23,6 +23,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fastworker_fastapi.models import TaskInfo
+from fastworker_fastapi.store import FINAL_STATUSES
 
 if TYPE_CHECKING:
     from fastworker_fastapi.store import TaskRecord
@@ -111,7 +112,7 @@ class EventHub:
     def publish(self, record: TaskRecord) -> None:
         if self._listeners:
             self._call(self._listeners, record)
-        if self._final_listeners and record.finished:
+        if self._final_listeners and record.status in FINAL_STATUSES:
             self._call(self._final_listeners, record)
         if self._subscriptions:
             snapshot: TaskInfo | None = None

@@ -181,7 +181,7 @@ class ProgressPublisher:
         Listeners run before the hub snapshots the record for streams, so the final event
         carries the task's last reported progress.
         """
-        if record.finished:
+        if self._states and record.finished:  # (no states: nothing to do, and it is common)
             state = self._states.pop(record, None)
             if state is not None and state.armed:
                 record.progress, record.progress_message = state.value

@@ -261,7 +261,7 @@ class Scheduler:
             while True:
                 for queue in queues:
                     if queue:
-                        await self._run(queue.popleft(), runner)
+                        record = queue.popleft()
                         break
                 else:
                     if self._closing:
@@ -269,60 +269,61 @@ class Scheduler:
                     waiter = self._loop.create_future()
                     self._idle.append(waiter)
                     await waiter
+                    continue
+                # One attempt, inline: this loop is the throughput path.
+                record.status = TaskStatus.RUNNING
+                record.started_at = utcnow()
+                record.attempts += 1
+                self._running[record] = runner
+                self.store.changed(record)
+                token = _context.current_record.set(record)
+                try:
+                    if record.policy.timeout is None:
+                        value = await self.executor.run(record)
+                    else:
+                        value = await self._run_with_timeout(record)
+                except asyncio.CancelledError:
+                    if record not in self._cancel_requested:
+                        raise  # not ours: the extension is being torn down
+                    self._cancel_requested.discard(record)
+                    if runner.uncancel() > 0:
+                        raise  # someone else cancelled the worker too
+                    continue  # already final: cancelled while running
+                except BaseException as exc:  # SystemExit from a task must not stop a worker
+                    self._outcome_failed(record, runner, exc)
+                    continue
+                finally:
+                    _context.current_record.reset(token)
+                    del self._running[record]
+                self._outcome_value(record, runner, value)
         finally:
             self._active_workers -= 1
             if self._active_workers == 0 and self._workers_done is not None:
                 self._workers_done.set()
 
-    async def _run(self, record: TaskRecord, runner: asyncio.Task[Any]) -> None:
-        record.status = TaskStatus.RUNNING
-        record.started_at = utcnow()
-        record.attempts += 1
-        self._running[record] = runner
-        self.store.changed(record)
+    async def _run_with_timeout(self, record: TaskRecord) -> Any:
         timeout = record.policy.timeout
-        timed_out = False
-        failure: BaseException | None = None
-        value: Any = None
-        token = _context.current_record.set(record)
+        deadline = asyncio.timeout(timeout)
         try:
-            if timeout is None:
-                value = await self.executor.run(record)
-            else:
-                deadline = asyncio.timeout(timeout)
-                try:
-                    async with deadline:
-                        value = await self.executor.run(record)
-                except TimeoutError:
-                    if not deadline.expired():
-                        raise  # the task's own TimeoutError: an ordinary failure
-                    timed_out = True
-        except asyncio.CancelledError:
-            if record not in self._cancel_requested:
-                raise  # not ours: the extension is being torn down
-            self._cancel_requested.discard(record)
-            if runner.uncancel() > 0:
-                raise  # someone else cancelled the worker too
-        except BaseException as exc:
-            failure = exc  # SystemExit from a task must not stop a worker either
-        finally:
-            _context.current_record.reset(token)
-            del self._running[record]
+            async with deadline:
+                return await self.executor.run(record)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the task's own TimeoutError: an ordinary failure
+            raise _TimedOut(f"the task exceeded its timeout of {timeout:g}s") from None
+
+    def _settle_cancel(self, record: TaskRecord, runner: asyncio.Task[Any]) -> bool:
+        """True when the record was cancelled while running (its outcome is discarded)."""
         if record in self._cancel_requested:  # the task swallowed our cancellation
             self._cancel_requested.discard(record)
             runner.uncancel()
-        if record.status is not TaskStatus.RUNNING:
-            return  # cancelled while running: already final, a late outcome is discarded
-        if timed_out:
-            self._failed(
-                record, "TaskTimeout", f"the task exceeded its timeout of {timeout:g}s", None
-            )
-        elif failure is not None:
-            if isinstance(failure, TaskFailed):
-                self._failed(record, failure.error_type, failure.message, None)
-            else:
-                self._failed(record, type(failure).__name__, str(failure), failure)
-        else:
+        return record.status is not TaskStatus.RUNNING
+
+    def _outcome_value(self, record: TaskRecord, runner: asyncio.Task[Any], value: Any) -> None:
+        if self._settle_cancel(record, runner):
+            return
+        kind = type(value)
+        if not (value is None or kind is str or kind is int or kind is bool):
             try:
                 value = _json_value(value)
             except (TypeError, ValueError) as exc:
@@ -334,7 +335,19 @@ class Scheduler:
                     retry=False,
                 )
                 return
-            self._finalize(record, TaskStatus.SUCCESS, result=value)
+        self._finalize(record, TaskStatus.SUCCESS, result=value)
+
+    def _outcome_failed(
+        self, record: TaskRecord, runner: asyncio.Task[Any], failure: BaseException
+    ) -> None:
+        if self._settle_cancel(record, runner):
+            return
+        if isinstance(failure, _TimedOut):
+            self._failed(record, "TaskTimeout", str(failure), None)
+        elif isinstance(failure, TaskFailed):
+            self._failed(record, failure.error_type, failure.message, None)
+        else:
+            self._failed(record, type(failure).__name__, str(failure), failure)
 
     def _failed(
         self,
@@ -365,6 +378,10 @@ class Scheduler:
         record.error_type = error_type
         self.store.changed(record)
         self._call_later(record, policy.retry_delay_for(record.attempts))
+
+
+class _TimedOut(Exception):  # an internal signal: it never escapes the scheduler
+    """The task's own timeout expired (a task raising TimeoutError is an ordinary failure)."""
 
 
 def _json_value(value: Any) -> Any:

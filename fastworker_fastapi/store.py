@@ -20,6 +20,7 @@ from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, Task
 
 if TYPE_CHECKING:
     from fastworker_fastapi.events import EventHub
+    from fastworker_fastapi.tasks import TaskDefinition
 
 __all__ = ["FINAL_STATUSES", "TaskPolicy", "TaskRecord", "TaskStore"]
 
@@ -82,6 +83,7 @@ class TaskRecord:
     progress: float | None = None
     progress_message: str | None = None
     # Runtime only: never shown, never serialised.
+    definition: TaskDefinition | None = field(default=None, repr=False)  # resolved at submit
     done: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -174,11 +176,14 @@ class TaskStore:
 
     def finished(self, record: TaskRecord) -> None:
         """Record that a task reached a final status: wake waiters, start its expiry clock."""
-        self._finished.append((time.monotonic(), record.id))
+        now = time.monotonic()
+        finished = self._finished
+        finished.append((now, record.id))
         if record.done is not None:
             record.done.set()
         self.events.publish(record)
-        self._expire()
+        if len(finished) > self.max_results or finished[0][0] <= now - self.result_ttl:
+            self._expire()
 
     def recent(
         self,

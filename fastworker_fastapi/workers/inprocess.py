@@ -69,7 +69,7 @@ class InProcessExecutor:
         self._limiter = anyio.CapacityLimiter(self._thread_limit)
 
     def run(self, record: TaskRecord) -> Awaitable[Any]:
-        definition = self._registry.get(record.name)
+        definition = record.definition or self._registry.get(record.name)
         if definition is None:  # unregistered after submission: refuse clearly
             return _raise(UnknownTaskError(f"no task registered under {record.name!r}"))
         if definition.is_async:  # the task's own coroutine: no wrapper frame
