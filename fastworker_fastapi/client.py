@@ -325,7 +325,7 @@ class TaskClient:
             delay, eta_utc = 0.0, None
         else:
             delay, eta_utc = _schedule(eta, countdown)
-        if _simple(args) and _simple(kwargs.values()):
+        if _simple(args) and (not kwargs or _simple(kwargs.values())):
             wire_args, wire_kwargs = list(args), dict(kwargs)
         else:  # what the task receives is what JSON would deliver, in both modes
             try:
@@ -350,19 +350,20 @@ class TaskClient:
                         f"callback_data must be JSON-serialisable: {exc}"
                     ) from None
             callback = CallbackInfo(address=callback_address, data=callback_data)
-        record = TaskRecord(
-            id=self._ids.next(),
-            name=definition.name,
-            args=wire_args,
-            kwargs=wire_kwargs,
-            priority=level,
-            policy=definition.policy,
-            status=TaskStatus.PENDING,
-            created=time.time(),
-            eta=eta_utc,
-            callback=callback,
-            definition=definition,
+        record = TaskRecord(  # positional: this runs once per submission
+            self._ids.next(),
+            definition.name,
+            wire_args,
+            wire_kwargs,
+            level,
+            definition.policy,
+            TaskStatus.PENDING,
+            time.time(),
+            eta_utc,
         )
+        record.definition = definition
+        if callback is not None:
+            record.callback = callback
         return record, delay
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 from collections import deque
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -44,7 +45,7 @@ from fastworker_fastapi.errors import (
     TaskFailed,
     TaskNotFoundError,
 )
-from fastworker_fastapi.store import FINAL_STATUSES, TaskRecord, TaskStore, utcnow
+from fastworker_fastapi.store import FINAL_STATUSES, TaskRecord, TaskStore
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 __all__ = ["Scheduler"]
 
 logger = logging.getLogger("fastworker_fastapi")
+
+_now = datetime.now  # `_now(UTC)`: one call less than store.utcnow on the hot path
 
 _LEVELS = {
     TaskPriority.CRITICAL: 0,
@@ -239,8 +242,8 @@ class Scheduler:
         self,
         record: TaskRecord,
         status: TaskStatus,
-        *,
         result: Any = None,
+        *,
         error_type: str | None = None,
         error: str | None = None,
     ) -> None:
@@ -248,7 +251,7 @@ class Scheduler:
         record.result = result
         record.error = error
         record.error_type = error_type
-        record.completed_at = utcnow()
+        record.completed_at = _now(UTC)
         self._live -= 1
         self.store.finished(record)
 
@@ -257,6 +260,7 @@ class Scheduler:
         runner = asyncio.current_task()
         assert runner is not None and self._loop is not None
         queues = self._queues
+        publish = self.store.events.publish
         try:
             while True:
                 for queue in queues:
@@ -272,10 +276,10 @@ class Scheduler:
                     continue
                 # One attempt, inline: this loop is the throughput path.
                 record.status = TaskStatus.RUNNING
-                record.started_at = utcnow()
+                record.started_at = _now(UTC)
                 record.attempts += 1
                 self._running[record] = runner
-                self.store.changed(record)
+                publish(record)
                 token = _context.current_record.set(record)
                 try:
                     if record.policy.timeout is None:
@@ -320,7 +324,7 @@ class Scheduler:
         return record.status is not TaskStatus.RUNNING
 
     def _outcome_value(self, record: TaskRecord, runner: asyncio.Task[Any], value: Any) -> None:
-        if self._settle_cancel(record, runner):
+        if self._cancel_requested and self._settle_cancel(record, runner):
             return
         kind = type(value)
         if not (value is None or kind is str or kind is int or kind is bool):
@@ -335,7 +339,7 @@ class Scheduler:
                     retry=False,
                 )
                 return
-        self._finalize(record, TaskStatus.SUCCESS, result=value)
+        self._finalize(record, TaskStatus.SUCCESS, value)
 
     def _outcome_failed(
         self, record: TaskRecord, runner: asyncio.Task[Any], failure: BaseException

@@ -167,7 +167,9 @@ class TaskStore:
         self.events.publish(record)
 
     def get(self, task_id: str) -> TaskRecord | None:
-        self._expire()
+        finished = self._finished
+        if finished and finished[0][0] <= time.monotonic() - self.result_ttl:
+            self._expire()  # (the count bound is kept by finished())
         return self._records.get(task_id)
 
     def changed(self, record: TaskRecord) -> None:
