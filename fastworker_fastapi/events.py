@@ -58,14 +58,6 @@ class Subscription:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.close()
 
-    @staticmethod
-    def _call(listeners: list[Listener], record: TaskRecord) -> None:
-        for listener in tuple(listeners):
-            try:
-                listener(record)
-            except Exception:
-                logger.exception("task event listener %r failed", listener)
-
     def close(self) -> None:
         """Stop receiving: the reader sees the end of the stream after what is buffered."""
         self._hub._subscriptions.discard(self)

@@ -165,13 +165,7 @@ class Scheduler:
         else:
             record.status = TaskStatus.QUEUED
             self.store.add(record)
-            self._queues[_LEVELS[record.priority]].append(record)
-            idle = self._idle
-            while idle:
-                waiter = idle.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            self._enqueue(record)
 
     def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a task that has not finished; raises for unknown and finished ones."""

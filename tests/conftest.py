@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp
+
+from fastworker_fastapi._control_plane import ControlPlaneProcess
+
+TESTS_DIR = Path(__file__).parent
 
 
 @asynccontextmanager
@@ -40,3 +50,33 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} within {timeout}s (last value: {value!r})")
         await anyio.sleep(interval)
+
+
+def group_is_gone(pgid: int) -> bool:
+    """True once no process of the process group `pgid` is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def stop_for_sure(process: ControlPlaneProcess) -> None:
+    """`stop()`, and should it fail or hang, SIGKILL the group anyway: no test leaks a process."""
+    try:
+        await asyncio.wait_for(process.stop(grace=0.5), 10.0)
+    finally:
+        if process.pid is not None and process.returncode is None:  # never reaped: pgid is ours
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+async def control_plane() -> AsyncIterator[ControlPlaneProcess]:
+    """A real `fastworker control-plane` loading tests/_fw_tasks.py, always stopped."""
+    process = ControlPlaneProcess(["_fw_tasks"], python_path=[TESTS_DIR])
+    try:
+        await process.start(ready_timeout=30.0)
+        yield process
+    finally:
+        await stop_for_sure(process)

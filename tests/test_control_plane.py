@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -29,6 +27,7 @@ from fastworker_fastapi._control_plane import (
     make_task_dict,
 )
 from fastworker_fastapi._nng import Pair0Listener, format_tcp_address
+from tests.conftest import group_is_gone, stop_for_sure
 
 pytestmark = pytest.mark.remote
 
@@ -57,34 +56,6 @@ class Callbacks:
                 self._changed.clear()
                 await self._changed.wait()
         return self.by_id
-
-
-def group_is_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-async def stop_for_sure(process: ControlPlaneProcess) -> None:
-    """`stop()`, and should it fail or hang, SIGKILL the group anyway: no test leaks a process."""
-    try:
-        await asyncio.wait_for(process.stop(grace=0.5), DEADLINE)
-    finally:
-        if process.pid is not None and process.returncode is None:  # never reaped: pgid is ours
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-@pytest.fixture
-async def control_plane() -> AsyncIterator[ControlPlaneProcess]:
-    process = ControlPlaneProcess(["_fw_tasks"], python_path=[TESTS_DIR])
-    try:
-        await process.start(ready_timeout=30.0)
-        yield process
-    finally:
-        await stop_for_sure(process)
 
 
 @pytest.fixture

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import re
-import signal
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pynng
@@ -288,26 +284,6 @@ async def test_aclose_forgets_finished_handlers_whose_callbacks_have_not_run() -
 
 
 # --- against a real control plane ------------------------------------------------------------
-
-
-async def stop_for_sure(process: ControlPlaneProcess) -> None:
-    """`stop()`, and should it fail or hang, SIGKILL the group anyway: no test leaks a process."""
-    try:
-        await asyncio.wait_for(process.stop(grace=0.5), DEADLINE)
-    finally:
-        if process.pid is not None and process.returncode is None:  # never reaped: pgid is ours
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-@pytest.fixture
-async def control_plane() -> AsyncIterator[ControlPlaneProcess]:
-    process = ControlPlaneProcess(["_fw_tasks"], python_path=[TESTS_DIR])
-    try:
-        await process.start(ready_timeout=30.0)
-        yield process
-    finally:
-        await stop_for_sure(process)
 
 
 @pytest.mark.remote

@@ -45,7 +45,7 @@ from fastworker_fastapi._nng import format_tcp_address, pair0_send
 from fastworker_fastapi.store import TaskPolicy, TaskRecord
 from fastworker_fastapi.tasks import TaskRegistry
 from fastworker_fastapi.workers.remote import RemoteExecutor, _outcome
-from tests.conftest import eventually, serve
+from tests.conftest import eventually, group_is_gone, serve
 
 TESTS_DIR = Path(__file__).parent
 ROOT = TESTS_DIR.parent
@@ -124,14 +124,6 @@ def wait_until_answering(plane: ExternalPlane, deadline: float = 30.0) -> None:
                 if json.loads(req.recv()).get("found") is False:
                     return
     raise AssertionError(f"control plane did not answer within {deadline}s")
-
-
-def group_is_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def executor_of(fw: FastWorker) -> RemoteExecutor:
