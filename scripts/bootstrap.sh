@@ -67,6 +67,8 @@ fi
 # Reinstall only when the project's metadata changed since the last install.
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    # Some machines list local index folders that do not exist; pip warns once per package.
+    "$VENV/bin/python" -m pip install --quiet -e ".[dev]" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     touch "$STAMP"
 fi
