@@ -7,6 +7,7 @@ this run on this machine, so they say something even where absolute numbers do n
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import platform
 import statistics
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from bench.fastworker_baseline import fastworker_sequential_submit
 from bench.inprocess import asyncio_queue_ceiling, delay_cost_us, fastworker_fastapi_throughput
 
-REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 N = int(os.environ.get("BENCH_TASKS", "20000"))
 WORKERS = 8
 FASTWORKER_N = int(os.environ.get("BENCH_FASTWORKER_TASKS", "300"))
@@ -33,7 +34,13 @@ class Check:
 
 
 async def median_of(measure: Callable[[], Awaitable[float]]) -> float:
-    return statistics.median([await measure() for _ in range(REPEATS)])
+    """Median of REPEATS runs, each started from a collected heap (no run pays for the
+    garbage of the one before)."""
+    results = []
+    for _ in range(REPEATS):
+        gc.collect()
+        results.append(await measure())
+    return statistics.median(results)
 
 
 async def main() -> int:

@@ -489,7 +489,9 @@ class CallbackDispatcher:
                 base_url=settings.app_base_url,
                 headers=headers,
             )
-        self._remove_listener = store.events.add_listener(self._on_change, final_only=True)
+        self._remove_listener = store.events.add_listener(
+            self._on_change, final_only=True, when="callback"
+        )
         task_group.start_soon(self._main)
         self._started = True
 

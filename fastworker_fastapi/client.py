@@ -30,7 +30,7 @@ from fastworker_fastapi.errors import (
     WaitTimeoutError,
 )
 from fastworker_fastapi.models import TaskInfo
-from fastworker_fastapi.store import TaskRecord, TaskStore, utcnow
+from fastworker_fastapi.store import FINAL_STATUSES, TaskRecord, TaskStore, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -77,6 +77,7 @@ def _simple(values: Any) -> bool:
     return True
 
 
+_NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: records only unpack it
 _BATCH_KEYS = frozenset({"task_name", "args", "kwargs", "priority", "eta", "countdown"})
 
 
@@ -171,9 +172,7 @@ class TaskClient:
         **kwargs: Any,
     ) -> str:
         """Submit a task and return its id at once (the task runs in the background)."""
-        return self._submit(
-            task_name, args, kwargs, priority=priority, eta=eta, countdown=countdown
-        )
+        return self._submit(task_name, args, kwargs, priority, eta, countdown)
 
     async def delay_with_callback(
         self,
@@ -261,10 +260,11 @@ class TaskClient:
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
         """Wait for a task's final `TaskResult`; `WaitTimeoutError` after `timeout` seconds."""
-        record = self.store.get(task_id)
+        store = self._store if self._store is not None else self.store
+        record = store.get(task_id)
         if record is None:
             raise TaskNotFoundError(f"no task with id {task_id!r} (unknown or expired)")
-        if not record.finished:
+        if record.status not in FINAL_STATUSES:
             if record.done is None:
                 record.done = asyncio.Event()
             try:
@@ -284,7 +284,6 @@ class TaskClient:
         task_name: str,
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
-        *,
         priority: TaskPriority | str | None,
         eta: datetime | None,
         countdown: float | None,
@@ -326,7 +325,10 @@ class TaskClient:
         else:
             delay, eta_utc = _schedule(eta, countdown)
         if _simple(args) and (not kwargs or _simple(kwargs.values())):
-            wire_args, wire_kwargs = list(args), dict(kwargs)
+            # As JSON would deliver them; a tuple of plain values is kept as it is (it costs
+            # no copy and, immutable, nothing for the garbage collector to track).
+            wire_args = args if type(args) is tuple else list(args)
+            wire_kwargs = dict(kwargs) if kwargs else _NO_KWARGS
         else:  # what the task receives is what JSON would deliver, in both modes
             try:
                 encoded = json.dumps((args, kwargs), allow_nan=False, separators=(",", ":"))

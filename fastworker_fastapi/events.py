@@ -79,15 +79,37 @@ class EventHub:
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
-        self._final_listeners: list[Listener] = []
+        self._final_listeners: list[tuple[Listener, str | None]] = []
         self._subscriptions: set[Subscription] = set()
 
-    def add_listener(self, listener: Listener, *, final_only: bool = False) -> Callable[[], None]:
-        """Call `listener(record)` on every change (or only when a task reaches a final
-        status, with `final_only`); returns a function that removes it."""
-        listeners = self._final_listeners if final_only else self._listeners
-        listeners.append(listener)
-        return lambda: listeners.remove(listener)
+    def add_listener(
+        self, listener: Listener, *, final_only: bool = False, when: str | None = None
+    ) -> Callable[[], None]:
+        """Call `listener(record)` on every change, or with `final_only` only when a task
+        reaches a final status, and then, with `when`, only if that record attribute is not
+        None (`when="callback"`). Returns a function that removes the listener.
+
+        `when` exists because final listeners run for every task: checking an attribute
+        costs far less than calling a function that returns at once.
+        """
+        # Copy on change (rare), so publishing (every task) iterates without copying and a
+        # listener may remove itself while it runs.
+        if final_only:
+            entry = (listener, when)
+            self._final_listeners = [*self._final_listeners, entry]
+
+            def remove() -> None:
+                self._final_listeners = [x for x in self._final_listeners if x is not entry]
+
+            return remove
+        if when is not None:
+            raise ValueError("`when` applies to final_only listeners")
+        self._listeners = [*self._listeners, listener]
+
+        def remove_any() -> None:
+            self._listeners = [x for x in self._listeners if x is not listener]
+
+        return remove_any
 
     def subscribe(
         self, *, max_buffer: int = 256, accept: RecordFilter | None = None
@@ -103,9 +125,12 @@ class EventHub:
 
     def publish(self, record: TaskRecord) -> None:
         if self._listeners:
-            self._call(self._listeners, record)
+            for listener in self._listeners:  # never mutated in place: see add_listener
+                self._call(listener, record)
         if self._final_listeners and record.status in FINAL_STATUSES:
-            self._call(self._final_listeners, record)
+            for listener, when in self._final_listeners:
+                if when is None or getattr(record, when) is not None:
+                    self._call(listener, record)
         if self._subscriptions:
             snapshot: TaskInfo | None = None
             for subscription in tuple(self._subscriptions):
@@ -116,12 +141,11 @@ class EventHub:
                 subscription._offer(snapshot)
 
     @staticmethod
-    def _call(listeners: list[Listener], record: TaskRecord) -> None:
-        for listener in tuple(listeners):
-            try:
-                listener(record)
-            except Exception:
-                logger.exception("task event listener %r failed", listener)
+    def _call(listener: Listener, record: TaskRecord) -> None:
+        try:
+            listener(record)
+        except Exception:
+            logger.exception("task event listener %r failed", listener)
 
     def close(self) -> None:
         """End every subscription (shutdown): readers see the end of their stream."""

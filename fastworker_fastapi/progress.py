@@ -98,12 +98,12 @@ class ProgressPublisher:
     def __init__(self, store: TaskStore, *, interval: float = 0.1) -> None:
         self._store = store
         self.interval = interval
-        self._states: dict[TaskRecord, _State] = {}
         self._heap: list[tuple[float, int, TaskRecord, _State]] = []
         self._seq = itertools.count()
         self._wake = anyio.Event()
         self._loop_thread = threading.get_ident()  # built on the loop, in the extension's run
-        store.events.add_listener(self._forget, final_only=True)
+        # Only records that reported progress carry a state: the rest cost an attribute check.
+        store.events.add_listener(self._forget, final_only=True, when="progress_state")
 
     @contextmanager
     def bind(self) -> Iterator[None]:
@@ -121,9 +121,9 @@ class ProgressPublisher:
         """Store the latest value; arm a publish unless one is armed. Any thread."""
         if record.finished:  # a late report from an abandoned thread: nobody reads it
             return
-        state = self._states.get(record)
-        if state is None:
-            state = self._states.setdefault(record, _State(value))
+        state: _State | None = record.progress_state
+        if state is None:  # one thread runs a task: no other reporter races to create it
+            state = record.progress_state = _State(value)
         state.value = value
         if state.armed:
             return
@@ -169,7 +169,7 @@ class ProgressPublisher:
     def _publish(self, record: TaskRecord, state: _State, now: float) -> None:
         state.armed = False  # first: a report racing with us arms a new publish
         if record.finished:
-            self._states.pop(record, None)
+            record.progress_state = None
             return
         record.progress, record.progress_message = state.value
         state.published_at = now
@@ -181,7 +181,7 @@ class ProgressPublisher:
         Listeners run before the hub snapshots the record for streams, so the final event
         carries the task's last reported progress.
         """
-        if self._states and record.finished:  # (no states: nothing to do, and it is common)
-            state = self._states.pop(record, None)
-            if state is not None and state.armed:
-                record.progress, record.progress_message = state.value
+        state: _State | None = record.progress_state
+        record.progress_state = None
+        if state is not None and state.armed:
+            record.progress, record.progress_message = state.value

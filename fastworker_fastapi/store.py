@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -65,7 +65,7 @@ class TaskRecord:
 
     id: str
     name: str
-    args: list[Any]
+    args: Sequence[Any]  # as JSON delivers them: a tuple or list of plain values
     kwargs: dict[str, Any]
     priority: TaskPriority
     policy: TaskPolicy
@@ -84,6 +84,7 @@ class TaskRecord:
     progress_message: str | None = None
     # Runtime only: never shown, never serialised.
     definition: TaskDefinition | None = field(default=None, repr=False)  # resolved at submit
+    progress_state: Any = field(default=None, repr=False)  # progress.py's, once reported
     done: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -109,7 +110,9 @@ class TaskRecord:
         )
 
 
-_TASK_RESULT_FIELDS = frozenset(TaskResult.model_fields)
+# Shared by every result built here: it holds every field already, so pydantic's in-place
+# `add` on assignment never changes it.
+_TASK_RESULT_FIELDS = set(TaskResult.model_fields)
 _new_task_result = TaskResult.__new__
 _set = object.__setattr__
 
@@ -143,7 +146,7 @@ def _task_result(
             "callback": callback,
         },
     )
-    _set(model, "__pydantic_fields_set__", set(_TASK_RESULT_FIELDS))
+    _set(model, "__pydantic_fields_set__", _TASK_RESULT_FIELDS)
     _set(model, "__pydantic_extra__", None)
     _set(model, "__pydantic_private__", None)
     return model
@@ -157,7 +160,10 @@ class TaskStore:
         self.result_ttl = result_ttl
         self.max_results = max_results
         self._records: dict[str, TaskRecord] = {}
-        self._finished: deque[tuple[float, str]] = deque()  # (monotonic finish time, id)
+        # Finished ids and their monotonic finish times, oldest first (two deques rather than
+        # one of tuples: no object per task for the garbage collector to walk).
+        self._finished: deque[str] = deque()
+        self._finished_at: deque[float] = deque()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -167,8 +173,8 @@ class TaskStore:
         self.events.publish(record)
 
     def get(self, task_id: str) -> TaskRecord | None:
-        finished = self._finished
-        if finished and finished[0][0] <= time.monotonic() - self.result_ttl:
+        finished_at = self._finished_at
+        if finished_at and finished_at[0] <= time.monotonic() - self.result_ttl:
             self._expire()  # (the count bound is kept by finished())
         return self._records.get(task_id)
 
@@ -179,12 +185,13 @@ class TaskStore:
     def finished(self, record: TaskRecord) -> None:
         """Record that a task reached a final status: wake waiters, start its expiry clock."""
         now = time.monotonic()
-        finished = self._finished
-        finished.append((now, record.id))
+        finished_at = self._finished_at
+        self._finished.append(record.id)
+        finished_at.append(now)
         if record.done is not None:
             record.done.set()
         self.events.publish(record)
-        if len(finished) > self.max_results or finished[0][0] <= now - self.result_ttl:
+        if len(finished_at) > self.max_results or finished_at[0] <= now - self.result_ttl:
             self._expire()
 
     def recent(
@@ -212,10 +219,9 @@ class TaskStore:
         return (r for r in list(self._records.values()) if r.status not in FINAL_STATUSES)
 
     def _expire(self) -> None:
-        finished = self._finished
-        if not finished:
-            return
+        finished, finished_at = self._finished, self._finished_at
         deadline = time.monotonic() - self.result_ttl
         records = self._records
-        while finished and (len(finished) > self.max_results or finished[0][0] <= deadline):
-            records.pop(finished.popleft()[1], None)
+        while finished_at and (len(finished_at) > self.max_results or finished_at[0] <= deadline):
+            finished_at.popleft()
+            records.pop(finished.popleft(), None)

@@ -444,3 +444,14 @@ async def test_event_routes_answer_503_before_the_lifespan() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         assert (await http.get("/tasks/events")).status_code == 503
+
+
+def test_a_listener_may_remove_itself_while_it_runs() -> None:
+    hub = EventHub()
+    calls: list[str] = []
+    remove_first = hub.add_listener(lambda r: (calls.append("first"), remove_first()))
+    hub.add_listener(lambda r: calls.append("second"))
+    record = _record()
+    hub.publish(record)
+    hub.publish(record)
+    assert calls == ["first", "second", "second"]
