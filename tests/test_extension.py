@@ -19,11 +19,9 @@ from fastworker_fastapi import (
     NotRunningError,
     TaskClient,
     TaskClientDep,
-    TaskStatus,
     background_task,
     get_fastworker,
 )
-from fastworker_fastapi.store import TaskRecord
 from tests.conftest import serve
 
 EVENTS: list[str] = []
@@ -243,60 +241,3 @@ async def test_run_without_an_app_and_not_twice() -> None:
         with pytest.raises(ConfigurationError, match="already running"):
             async with fw.run():
                 pass  # pragma: no cover
-
-
-def test_record_status_is_pending_until_final() -> None:
-    from fastworker_fastapi import TaskPriority
-    from fastworker_fastapi.store import TaskPolicy
-
-    record = TaskRecord(
-        id="x",
-        name="n",
-        args=[],
-        kwargs={},
-        priority=TaskPriority.NORMAL,
-        policy=TaskPolicy(),
-        status=TaskStatus.RETRYING,
-        created=0.0,
-    )
-    assert record.to_task_result().status is TaskStatus.PENDING
-
-
-def test_task_results_built_by_the_store_equal_validated_ones() -> None:
-    """The store builds `TaskResult`s without validation; this catches a pydantic change."""
-    from datetime import UTC, datetime
-
-    from fastworker.tasks.models import CallbackInfo
-
-    from fastworker_fastapi import TaskPriority, TaskResult
-    from fastworker_fastapi.store import TaskPolicy
-
-    now = datetime.now(UTC)
-    callback = CallbackInfo(address="/cb", data={"a": 1})
-    record = TaskRecord(
-        id="x",
-        name="n",
-        args=[],
-        kwargs={},
-        priority=TaskPriority.NORMAL,
-        policy=TaskPolicy(),
-        status=TaskStatus.SUCCESS,
-        created=0.0,
-        started_at=now,
-        completed_at=now,
-        result={"k": [1]},
-        callback=callback,
-    )
-    built = record.to_task_result()
-    validated = TaskResult(
-        task_id="x",
-        status=TaskStatus.SUCCESS,
-        result={"k": [1]},
-        started_at=now,
-        completed_at=now,
-        callback=callback,
-    )
-    assert built == validated
-    assert built.model_dump_json() == validated.model_dump_json()
-    assert repr(built) == repr(validated)
-    assert built.model_copy(update={"result": 2}).result == 2
