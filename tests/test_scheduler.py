@@ -323,3 +323,18 @@ async def test_max_pending_refuses_instead_of_dropping() -> None:
         for task_id in ids:
             await client.wait(task_id, timeout=5)
         assert (await client.submit_task("sched_record", args=("room",))).result == "room"
+
+
+async def test_a_blocking_sync_task_never_blocks_the_event_loop() -> None:
+    THREAD_GATES["loop"] = threading.Event()
+    app, fw = make(concurrency=2)
+    async with serve(app) as http:
+        blocked = await fw.client.delay("sched_thread_gate", "loop")
+        await eventually(lambda: fw.client.get_status(blocked) is TaskStatus.RUNNING)
+        # The thread is blocked; requests and coroutine tasks still run on the loop.
+        assert (await http.get(f"/tasks/{blocked}")).json()["status"] == "running"
+        assert (await fw.client.submit_task("sched_record", args=("meanwhile",))).result == (
+            "meanwhile"
+        )
+        THREAD_GATES["loop"].set()
+        assert (await fw.client.wait(blocked, timeout=5)).result == "late"
