@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, TaskStatus
 
+from fastworker_fastapi._ids import TaskIds
 from fastworker_fastapi.errors import (
     InvalidTaskArgumentsError,
     InvalidTaskOptionsError,
@@ -36,33 +36,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from fastworker_fastapi.scheduler import Scheduler
+    from fastworker_fastapi.tasks import TaskDefinition
 
 __all__ = ["TaskClient", "parse_priority"]
 
 _PRIORITIES = {p.value: p for p in TaskPriority}
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
-
-
-class _TaskIds:
-    """Random version-4 UUID strings, cheaply: one `os.urandom` call per 256 ids.
-
-    Ids must be unguessable (they are the handle on a task's result), so they come from the
-    OS's CSPRNG like `uuid.uuid4()`; drawing and formatting them in blocks makes one id cost
-    a list pop instead of a syscall and a UUID object. One per client: no shared state.
-    """
-
-    def __init__(self) -> None:
-        self._pool: list[str] = []
-
-    def next(self) -> str:
-        pool = self._pool
-        if not pool:
-            raw = os.urandom(16 * 256).hex()
-            pool.extend(
-                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                for h in (raw[i : i + 32] for i in range(0, len(raw), 32))
-            )
-        return pool.pop()
 
 
 def _simple(values: Any) -> bool:
@@ -106,7 +84,8 @@ class TaskClient:
         self._scheduler: Scheduler | None = None
         self._store: TaskStore | None = None
         self._validate_callback: Callable[[str], None] | None = None
-        self._ids = _TaskIds()
+        self._resolve: Callable[[str], TaskDefinition | None] | None = None
+        self._ids = TaskIds()
 
     def _bind(
         self,
@@ -117,6 +96,7 @@ class TaskClient:
         self._scheduler = scheduler
         self._store = store
         self._validate_callback = validate_callback
+        self._resolve = scheduler.executor.resolve
 
     @property
     def running(self) -> bool:
@@ -226,9 +206,7 @@ class TaskClient:
                     spec.get("countdown"),
                 )
             )
-        scheduler.check_capacity(len(prepared))
-        for record, delay in prepared:
-            scheduler.submit(record, delay)
+        scheduler.submit_many(prepared)
         return [record.id for record, _ in prepared]
 
     async def get_task_result(self, task_id: str) -> TaskResult | None:
@@ -297,7 +275,6 @@ class TaskClient:
         record, delay = self._prepare(
             task_name, args, kwargs, priority, eta, countdown, callback_address, callback_data
         )
-        scheduler.check_capacity()
         scheduler.submit(record, delay)
         return record.id
 
@@ -313,7 +290,11 @@ class TaskClient:
         callback_data: dict[str, Any] | None = None,
     ) -> tuple[TaskRecord, float]:
         """Validate everything and build the record; raises before anything is recorded."""
-        definition = self.scheduler.executor.resolve(task_name)
+        resolve = self._resolve
+        if resolve is None:
+            self.store  # noqa: B018 - raises the explanatory error
+            raise AssertionError  # pragma: no cover
+        definition = resolve(task_name)
         if definition is None:
             raise UnknownTaskError(
                 f"no task registered under {task_name!r}; register it with "

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 from collections import deque
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -156,7 +157,19 @@ class Scheduler:
             )
 
     def submit(self, record: TaskRecord, delay: float) -> None:
-        """Accept a validated record; `delay` seconds before it may run (<= 0: now)."""
+        """Accept a validated record, `delay` seconds before it may run (<= 0: now); raises
+        as `check_capacity` does when it cannot be accepted now."""
+        if not self.accepting or self._live >= self.max_pending:
+            self.check_capacity()
+        self._accept(record, delay)
+
+    def submit_many(self, prepared: Sequence[tuple[TaskRecord, float]]) -> None:
+        """Accept all of them, or (raising) none."""
+        self.check_capacity(len(prepared))
+        for record, delay in prepared:
+            self._accept(record, delay)
+
+    def _accept(self, record: TaskRecord, delay: float) -> None:
         self._live += 1
         if delay > 0:
             record.status = TaskStatus.SCHEDULED
@@ -255,6 +268,7 @@ class Scheduler:
         assert runner is not None and self._loop is not None
         queues = self._queues
         publish = self.store.events.publish
+        finished = self.store.finished
         try:
             while True:
                 for queue in queues:
@@ -293,7 +307,18 @@ class Scheduler:
                 finally:
                     _context.current_record.reset(token)
                     del self._running[record]
-                self._outcome_value(record, runner, value)
+                kind = type(value)
+                if not self._cancel_requested and (
+                    value is None or kind is str or kind is int or kind is bool
+                ):  # the common case, finished here: a plain value, nobody cancelling
+                    record.status = TaskStatus.SUCCESS
+                    record.result = value
+                    record.error = record.error_type = None  # a retried task's last error
+                    record.completed_at = _now(UTC)
+                    self._live -= 1
+                    finished(record)
+                else:
+                    self._outcome_value(record, runner, value)
         finally:
             self._active_workers -= 1
             if self._active_workers == 0 and self._workers_done is not None:

@@ -1,0 +1,25 @@
+"""Task ids are what `str(uuid.uuid4())` gives: random, version 4, RFC 4122, unique."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastworker_fastapi._ids import TaskIds
+
+
+def test_ids_are_uuid4_strings_and_unique() -> None:
+    ids = TaskIds(block=64)
+    drawn = [ids.next() for _ in range(1000)]  # several refills
+    assert len(set(drawn)) == 1000
+    for task_id in drawn:
+        parsed = uuid.UUID(task_id)
+        assert str(parsed) == task_id
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_every_hex_digit_position_varies() -> None:
+    """A layout mistake would pin a position to one character; random ids vary everywhere."""
+    drawn = [TaskIds().next() for _ in range(200)]
+    fixed = {i for i in range(36) if len({d[i] for d in drawn}) == 1}
+    assert fixed == {8, 13, 14, 18, 23}  # the dashes and the version digit
+    assert {d[19] for d in drawn} <= set("89ab")
