@@ -305,7 +305,9 @@ class TaskClient:
             delay, eta_utc = 0.0, None
         else:
             delay, eta_utc = _schedule(eta, countdown)
-        if _simple(args) and (not kwargs or _simple(kwargs.values())):
+        if _simple(args) and (
+            not kwargs or (_simple(kwargs.values()) and all(type(k) is str for k in kwargs))
+        ):
             # As JSON would deliver them; a tuple of plain values is kept as it is (it costs
             # no copy and, immutable, nothing for the garbage collector to track).
             wire_args = args if type(args) is tuple else list(args)

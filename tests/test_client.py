@@ -103,6 +103,14 @@ async def test_arguments_travel_as_json_in_both_modes() -> None:
     assert result.result == {"args": [[1, 2], {"k": [3]}], "kwargs": {"flag": True}}
 
 
+async def test_kwargs_keys_travel_as_json_strings_too() -> None:
+    app, fw = make()
+    async with serve(app):
+        result = await fw.client.submit_task("cl_echo", kwargs={1: "one"})  # type: ignore[dict-item]
+    assert result.status is TaskStatus.SUCCESS
+    assert result.result == {"args": [], "kwargs": {"1": "one"}}
+
+
 async def test_fastworker_task_decorator_tasks_run() -> None:
     app, fw = make()
     async with serve(app):
