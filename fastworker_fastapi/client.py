@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, TaskStatus
 
@@ -110,19 +110,16 @@ class TaskClient:
 
     @property
     def store(self) -> TaskStore:
+        """The extension's task store (`NotRunningError` before it has started)."""
         if self._store is None:
-            raise NotRunningError(
-                "the FastWorker extension has not started: run the app's lifespan first "
-                "(uvicorn does; in tests use asgi_lifespan.LifespanManager or "
-                "`with TestClient(app)`)"
-            )
+            _not_started()
         return self._store
 
     @property
     def scheduler(self) -> Scheduler:
+        """The extension's scheduler (`NotRunningError` before it has started)."""
         if self._scheduler is None:
-            self.store  # noqa: B018 - raises the explanatory error
-        assert self._scheduler is not None
+            _not_started()
         return self._scheduler
 
     # -- FastWorker's API -----------------------------------------------------------------
@@ -270,8 +267,7 @@ class TaskClient:
     ) -> str:
         scheduler = self._scheduler
         if scheduler is None:
-            self.store  # noqa: B018 - raises the explanatory error
-            raise AssertionError  # pragma: no cover
+            _not_started()
         record, delay = self._prepare(
             task_name, args, kwargs, priority, eta, countdown, callback_address, callback_data
         )
@@ -292,8 +288,7 @@ class TaskClient:
         """Validate everything and build the record; raises before anything is recorded."""
         resolve = self._resolve
         if resolve is None:
-            self.store  # noqa: B018 - raises the explanatory error
-            raise AssertionError  # pragma: no cover
+            _not_started()
         definition = resolve(task_name)
         if definition is None:
             raise UnknownTaskError(
@@ -350,6 +345,13 @@ class TaskClient:
         if callback is not None:
             record.callback = callback
         return record, delay
+
+
+def _not_started() -> NoReturn:
+    raise NotRunningError(
+        "the FastWorker extension has not started: run the app's lifespan first "
+        "(uvicorn does; in tests use asgi_lifespan.LifespanManager or `with TestClient(app)`)"
+    )
 
 
 def _schedule(eta: datetime | None, countdown: float | None) -> tuple[float, datetime | None]:

@@ -102,6 +102,10 @@ class FastWorker:
         _require(max_results >= 1, "max_results must be >= 1")
         _require(max_pending >= 1, "max_pending must be >= 1")
         _require(shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
+        _require(
+            event_heartbeat > 0 and math.isfinite(event_heartbeat), "event_heartbeat must be > 0"
+        )
+        _require(event_buffer >= 1, "event_buffer must be >= 1")
         if prefix is not None and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ConfigurationError(
                 f"prefix must start with '/' and not end with one, got {prefix!r}"
@@ -117,10 +121,6 @@ class FastWorker:
         self.include_in_schema = include_in_schema
         self.tags = tuple(tags)
         self.registry = task_registry if task_registry is not None else registry
-        _require(
-            event_heartbeat > 0 and math.isfinite(event_heartbeat), "event_heartbeat must be > 0"
-        )
-        _require(event_buffer >= 1, "event_buffer must be >= 1")
         self.dashboard = dashboard
         self.event_heartbeat = event_heartbeat
         self.event_buffer = event_buffer

@@ -192,11 +192,6 @@ class Scheduler:
         self._cancel_record(record, "TaskCancelled", "cancelled by request")
         return record
 
-    @property
-    def pending(self) -> int:
-        """Tasks accepted and not final yet."""
-        return self._live
-
     # -- internals ------------------------------------------------------------------------
 
     def _enqueue(self, record: TaskRecord) -> None:
@@ -268,7 +263,7 @@ class Scheduler:
         assert runner is not None and self._loop is not None
         queues = self._queues
         publish = self.store.events.publish
-        finished = self.store.finished
+        set_current = _context.current_record.set
         try:
             while True:
                 for queue in queues:
@@ -288,7 +283,9 @@ class Scheduler:
                 record.attempts += 1
                 self._running[record] = runner
                 publish(record)
-                token = _context.current_record.set(record)
+                # The worker's own context: the next task overwrites it, so no reset is needed;
+                # threads and sub-tasks copy it when they start, so each sees its own record.
+                set_current(record)
                 try:
                     if record.policy.timeout is None:
                         value = await self.executor.run(record)
@@ -305,18 +302,12 @@ class Scheduler:
                     self._outcome_failed(record, runner, exc)
                     continue
                 finally:
-                    _context.current_record.reset(token)
                     del self._running[record]
                 kind = type(value)
                 if not self._cancel_requested and (
                     value is None or kind is str or kind is int or kind is bool
-                ):  # the common case, finished here: a plain value, nobody cancelling
-                    record.status = TaskStatus.SUCCESS
-                    record.result = value
-                    record.error = record.error_type = None  # a retried task's last error
-                    record.completed_at = _now(UTC)
-                    self._live -= 1
-                    finished(record)
+                ):  # the common case: a plain value, nobody cancelling
+                    self._finalize(record, TaskStatus.SUCCESS, value)
                 else:
                     self._outcome_value(record, runner, value)
         finally:

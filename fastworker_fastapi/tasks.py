@@ -115,25 +115,29 @@ class TaskCall[**P, R]:
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Submit the task and return its id at once."""
+        return self._submit(self._client(), args, kwargs)
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskResult:
+        """Submit the task and wait for its final `TaskResult`."""
+        client = self._client()
+        return await client.wait(self._submit(client, args, kwargs))
+
+    def _client(self) -> TaskClient:
+        client = self._options.client
+        return client if client is not None else resolve_client()
+
+    def _submit(self, client: TaskClient, args: Any, kwargs: Any) -> str:
         o = self._options
-        client = o.client if o.client is not None else resolve_client()
         return client._submit(
             self._task.name,
             args,
             kwargs,
-            priority=o.priority,
-            eta=o.eta,
-            countdown=o.countdown,
+            o.priority,
+            o.eta,
+            o.countdown,
             callback_address=o.callback,
             callback_data=o.callback_data,
         )
-
-    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskResult:
-        """Submit the task and wait for its final `TaskResult`."""
-        o = self._options
-        client = o.client if o.client is not None else resolve_client()
-        task_id = await self.delay(*args, **kwargs)
-        return await client.wait(task_id)
 
 
 class BackgroundTask[**P, R]:
