@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 
 import anyio
 import uvicorn
-from conftest import eventually
 from starlette.types import ASGIApp
+
+from tests.conftest import eventually
 
 
 @asynccontextmanager

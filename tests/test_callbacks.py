@@ -15,7 +15,6 @@ import anyio
 import pynng
 import pytest
 import uvicorn
-from conftest import eventually, serve
 from fastapi import FastAPI, Header, Request, Response
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -37,6 +36,7 @@ from fastworker_fastapi import (
 )
 from fastworker_fastapi.callbacks import CallbackDispatcher
 from fastworker_fastapi.models import CallbackState
+from tests.conftest import eventually, free_port, serve
 
 SECRET = "s3cret-for-tests"
 
@@ -755,9 +755,7 @@ async def test_webhook_retries_then_gives_up_or_stops_on_4xx() -> None:
 
 
 async def test_webhook_connection_errors_are_retried_then_recorded() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # closed again below: nothing listens there
+    port = free_port()  # nothing listens there
     app, fw = make_app(Receiver(), max_attempts=2)
     async with serve(app):
         task_id = await fw.client.delay_with_callback("cb_echo", f"http://127.0.0.1:{port}/x", 1)
@@ -770,12 +768,6 @@ async def test_webhook_connection_errors_are_retried_then_recorded() -> None:
 # -- tcp://: FastWorker's Pair0 listener protocol, against real nng sockets ------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _listen(port: int) -> pynng.Pair0:
     sock = pynng.Pair0(recv_timeout=10_000)
     sock.listen(f"tcp://127.0.0.1:{port}")
@@ -783,7 +775,7 @@ def _listen(port: int) -> pynng.Pair0:
 
 
 async def test_tcp_delivers_success_and_failure_payloads_to_a_pair0_listener() -> None:
-    port = _free_port()
+    port = free_port()
     app, fw = make_app(Receiver())
     with _listen(port) as listener:
         async with serve(app):
@@ -819,7 +811,7 @@ async def test_tcp_delivers_success_and_failure_payloads_to_a_pair0_listener() -
 
 
 async def test_tcp_retries_until_the_listener_appears() -> None:
-    port = _free_port()
+    port = free_port()
     app, fw = make_app(Receiver(), timeout=0.3, retry_delay=0.5)
     async with serve(app):
         task_id = await fw.client.delay_with_callback(
@@ -843,7 +835,7 @@ async def test_tcp_retries_until_the_listener_appears() -> None:
 
 
 async def test_tcp_final_failure_when_nothing_listens() -> None:
-    port = _free_port()
+    port = free_port()
     app, fw = make_app(Receiver(), timeout=0.2, max_attempts=2)
     async with serve(app):
         task_id = await fw.client.delay_with_callback("cb_echo", f"tcp://127.0.0.1:{port}", 1)
@@ -851,18 +843,3 @@ async def test_tcp_final_failure_when_nothing_listens() -> None:
     assert state.attempts == 2
     assert state.last_error is not None
     assert "timed out" in state.last_error
-
-
-def test_callback_names_are_exported() -> None:
-    import fastworker_fastapi
-
-    for name in (
-        "CallbackSettings",
-        "CallbackSignatureError",
-        "TaskCallback",
-        "VerifiedCallback",
-        "sign_callback",
-        "verify_callback_signature",
-    ):
-        assert name in fastworker_fastapi.__all__
-    assert fastworker_fastapi.__all__ == sorted(fastworker_fastapi.__all__)

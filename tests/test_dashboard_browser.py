@@ -17,11 +17,11 @@ import anyio
 import httpx
 import pytest
 from _server import live_server
-from conftest import eventually
 from fastapi import FastAPI
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi import FastWorker, TaskClientDep, background_task, report_progress
+from tests.conftest import eventually
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 

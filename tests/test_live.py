@@ -13,7 +13,6 @@ import anyio
 import httpx
 import pytest
 from _server import live_server
-from conftest import eventually, serve
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastworker.tasks.models import TaskPriority, TaskStatus
 
@@ -22,6 +21,7 @@ from fastworker_fastapi.events import EventHub
 from fastworker_fastapi.live import task_events
 from fastworker_fastapi.progress import MAX_MESSAGE_LENGTH
 from fastworker_fastapi.store import TaskPolicy, TaskRecord
+from tests.conftest import eventually, serve
 
 # Gates let a test hold a task at a known point; keyed by a token the test passes in.
 _async_gates: dict[str, anyio.Event] = {}
@@ -250,13 +250,11 @@ async def test_one_task_stream_follows_retries_in_order_and_closes_after_success
             async for event, data in sse_events(response):
                 if event == "comment":
                     heartbeats += 1
+                    gate.set()  # the stream was idle long enough for a heartbeat: go on
                     continue
                 assert event == "task"
                 info = json.loads(data)
                 seen.append((info["status"], info["attempts"]))
-                if len(seen) == 1:
-                    await anyio.sleep(0.12)  # idle long enough for a heartbeat
-                    gate.set()
         # The loop ended because the server closed the stream after the final state.
         assert seen == [
             ("running", 1),

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 from pathlib import Path
 
 import pynng
@@ -28,6 +27,7 @@ from fastworker_fastapi._nng import (
     pair0_send,
     parse_tcp_address,
 )
+from tests.conftest import free_port
 
 TESTS_DIR = Path(__file__).parent
 DEADLINE = 10.0
@@ -50,13 +50,6 @@ class Inbox:
                 self._changed.clear()
                 await self._changed.wait()
         return self.messages
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def ipv6_available() -> bool:

@@ -46,9 +46,13 @@ async def sched_slow(seconds: float) -> str:
     return "finished"
 
 
+SLOW_SYNC_DONE = threading.Event()
+
+
 @background_task(timeout=0.05)
 def sched_slow_sync(seconds: float) -> str:
     time.sleep(seconds)
+    SLOW_SYNC_DONE.set()
     return "finished"
 
 
@@ -135,13 +139,15 @@ async def test_async_timeout_is_a_failure_that_says_so() -> None:
 
 
 async def test_sync_timeout_discards_the_late_result() -> None:
+    SLOW_SYNC_DONE.clear()
     app, fw = make()
     async with serve(app):
         result = await fw.client.submit_task("sched_slow_sync", args=(0.3,))
         assert result.status is TaskStatus.FAILURE
         assert "TaskTimeout" in (result.error or "")
         # The thread finishes later; its value must not overwrite the recorded failure.
-        await anyio.to_thread.run_sync(time.sleep, 0.4)
+        assert await anyio.to_thread.run_sync(SLOW_SYNC_DONE.wait, 10)
+        await anyio.sleep(0)  # let a (wrong) late result land, were it delivered
         again = await fw.client.get_task_result(result.task_id)
     assert again is not None and again.status is TaskStatus.FAILURE and again.result is None
 
