@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import anyio.lowlevel
 import pytest
 from fastapi import FastAPI
 
@@ -147,7 +148,7 @@ async def test_sync_timeout_discards_the_late_result() -> None:
         assert "TaskTimeout" in (result.error or "")
         # The thread finishes later; its value must not overwrite the recorded failure.
         assert await anyio.to_thread.run_sync(SLOW_SYNC_DONE.wait, 10)
-        await anyio.sleep(0)  # let a (wrong) late result land, were it delivered
+        await anyio.lowlevel.checkpoint()  # let a (wrong) late result land, were it delivered
         again = await fw.client.get_task_result(result.task_id)
     assert again is not None and again.status is TaskStatus.FAILURE and again.result is None
 
