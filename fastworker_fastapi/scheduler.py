@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastworker.tasks.models import TaskPriority, TaskStatus
+from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi import _context
 from fastworker_fastapi.errors import (
@@ -46,7 +46,7 @@ from fastworker_fastapi.errors import (
     TaskFailed,
     TaskNotFoundError,
 )
-from fastworker_fastapi.store import FINAL_STATUSES, TaskRecord, TaskStore
+from fastworker_fastapi.store import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord, TaskStore
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -60,12 +60,7 @@ logger = logging.getLogger("fastworker_fastapi")
 
 _now = datetime.now  # `_now(UTC)`: one call less than store.utcnow on the hot path
 
-_LEVELS = {
-    TaskPriority.CRITICAL: 0,
-    TaskPriority.HIGH: 1,
-    TaskPriority.NORMAL: 2,
-    TaskPriority.LOW: 3,
-}
+_LEVELS = PRIORITY_LEVELS
 
 
 class Scheduler:

@@ -22,9 +22,15 @@ if TYPE_CHECKING:
     from fastworker_fastapi.events import EventHub
     from fastworker_fastapi.tasks import TaskDefinition
 
-__all__ = ["FINAL_STATUSES", "TaskPolicy", "TaskRecord", "TaskStore"]
+__all__ = ["FINAL_STATUSES", "PRIORITY_LEVELS", "TaskPolicy", "TaskRecord", "TaskStore"]
 
 FINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED})
+PRIORITY_LEVELS = {  # the order tasks are served in: level 0 first, in both modes
+    TaskPriority.CRITICAL: 0,
+    TaskPriority.HIGH: 1,
+    TaskPriority.NORMAL: 2,
+    TaskPriority.LOW: 3,
+}
 
 
 def utcnow() -> datetime:

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import anyio
 import pynng
 from anyio.abc import TaskStatus as AnyioTaskStatus
-from fastworker.tasks.models import TaskPriority
 
 from fastworker_fastapi._control_plane import (
     ControlPlaneConnection,
@@ -52,7 +51,7 @@ from fastworker_fastapi._control_plane import (
 )
 from fastworker_fastapi._nng import Pair0Listener, parse_tcp_address
 from fastworker_fastapi.errors import ConfigurationError, TaskFailed
-from fastworker_fastapi.store import TaskPolicy
+from fastworker_fastapi.store import PRIORITY_LEVELS, TaskPolicy
 from fastworker_fastapi.tasks import TaskDefinition
 
 if TYPE_CHECKING:
@@ -65,12 +64,7 @@ __all__ = ["RemoteExecutor", "RemoteWorkers"]
 
 logger = logging.getLogger("fastworker_fastapi")
 
-_LEVELS: Final = {
-    TaskPriority.CRITICAL: 0,
-    TaskPriority.HIGH: 1,
-    TaskPriority.NORMAL: 2,
-    TaskPriority.LOW: 3,
-}
+_LEVELS: Final = PRIORITY_LEVELS
 _BY_LEVEL: Final = sorted(_LEVELS, key=_LEVELS.__getitem__)
 _NOT_FOUND = re.compile(r"Task (?P<name>.+) not found")
 _ANNOUNCE = "WORKER_ANNOUNCE:"
