@@ -10,11 +10,16 @@ Two kinds of consumers:
   and flagged `overflowed`, so the reader learns that it missed events instead of
   silently losing some of them.
 
+A third, for `wait()`: *final waiters*, futures keyed by task id that the first final record
+published for that id resolves, whichever process wrote it (a store publishes other
+processes' changes here too).
+
 Publishing costs one truth test when nobody listens, which keeps submission cheap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -23,10 +28,10 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fastworker_fastapi.models import TaskInfo
-from fastworker_fastapi.store import FINAL_STATUSES
+from fastworker_fastapi.records import FINAL_STATUSES
 
 if TYPE_CHECKING:
-    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.records import TaskRecord
 
 __all__ = ["EventHub", "Subscription"]
 
@@ -81,6 +86,7 @@ class EventHub:
         self._listeners: list[Listener] = []
         self._final_listeners: list[tuple[Listener, str | None]] = []
         self._subscriptions: set[Subscription] = set()
+        self._waiters: dict[str, list[asyncio.Future[TaskRecord]]] = {}
 
     def add_listener(
         self, listener: Listener, *, final_only: bool = False, when: str | None = None
@@ -123,7 +129,35 @@ class EventHub:
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
 
+    def final_waiter(self, task_id: str) -> asyncio.Future[TaskRecord]:
+        """A future the next final record of `task_id` resolves; `forget_waiter` it when
+        giving up.
+
+        Register it *before* reading the store, so a change between the read and the wait
+        cannot be missed.
+        """
+        future: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.get(task_id)
+        if waiters is None:
+            self._waiters[task_id] = [future]
+        else:
+            waiters.append(future)
+        return future
+
+    def forget_waiter(self, task_id: str, future: asyncio.Future[TaskRecord]) -> None:
+        """Stop waiting (a timeout, a cancelled wait): nothing is kept for `task_id`."""
+        future.cancel()
+        waiters = self._waiters.get(task_id)
+        if waiters is not None and future in waiters:
+            waiters.remove(future)
+            if not waiters:
+                del self._waiters[task_id]
+
     def publish(self, record: TaskRecord) -> None:
+        if self._waiters and record.status in FINAL_STATUSES:
+            for future in self._waiters.pop(record.id, ()):
+                if not future.done():
+                    future.set_result(record)
         if self._listeners:
             for listener in self._listeners:  # never mutated in place: see add_listener
                 self._call(listener, record)

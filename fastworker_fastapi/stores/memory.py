@@ -1,0 +1,191 @@
+"""`MemoryStore`: one process, nothing kept across restarts; for tests and peak speed.
+
+Records live in a dict, newest last. The store owns its record objects and is the only code
+that changes them (`update` applies the changes in place: a submission creates one object and
+nothing copies it, which keeps the in-process hot path at a few microseconds). Finished ids
+and their monotonic finish times sit in two deques, oldest first, so retention by age
+(`result_ttl`) and by count (`max_results`) is a pop from the left.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fastworker.tasks.models import TaskStatus
+
+from fastworker_fastapi.errors import TaskAlreadyFinishedError, TaskNotFoundError
+from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord, utcnow
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from fastworker_fastapi.events import EventHub
+
+__all__ = ["MemoryStore"]
+
+_setattr = object.__setattr__
+
+
+class MemoryStore:
+    """Tasks in this process's memory: fast, private to one process, lost on exit."""
+
+    durable = False
+    description = "memory"
+
+    def __init__(self) -> None:
+        self.owner = uuid.uuid4().hex
+        self.result_ttl = 3600.0
+        self.max_results = 10_000
+        self._hub: EventHub | None = None
+        self._records: dict[str, TaskRecord] = {}
+        # Two deques rather than one of tuples: no object per task for the GC to walk.
+        self._finished: deque[str] = deque()
+        self._finished_at: deque[float] = deque()
+        self._kept: set[str] = set()  # due to expire, kept until their callback is delivered
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def hub(self) -> EventHub:
+        if self._hub is None:
+            raise RuntimeError("the store is not open")
+        return self._hub
+
+    async def open(
+        self, hub: EventHub, task_group: TaskGroup, *, result_ttl: float, max_results: int
+    ) -> None:
+        self._hub = hub
+        self.result_ttl = result_ttl
+        self.max_results = max_results
+
+    async def close(self) -> None:
+        return None
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def insert(self, records: Sequence[TaskRecord]) -> None:
+        store = self._records
+        for record in records:
+            if record.id in store:
+                raise ValueError(f"a task with id {record.id!r} exists already")
+        publish = self.hub.publish
+        for record in records:
+            store[record.id] = record
+            if record.status in FINAL_STATUSES:
+                self._finish(record)
+            publish(record)
+
+    async def insert_if_absent(self, record: TaskRecord) -> bool:
+        if record.id in self._records:
+            return False
+        await self.insert((record,))
+        return True
+
+    async def update(
+        self, task_id: str, expect_owner: str | None, expect_attempts: int, **changes: Any
+    ) -> TaskRecord | None:
+        record = self._records.get(task_id)
+        if record is None or record.owner != expect_owner or record.attempts != expect_attempts:
+            return None
+        was_final = record.status in FINAL_STATUSES
+        for key, value in changes.items():
+            _setattr(record, key, value)
+        if not was_final and record.status in FINAL_STATUSES:
+            self._finish(record)
+        elif self._kept and task_id in self._kept and not record.delivery.open:  # type: ignore[union-attr]
+            self._kept.discard(task_id)
+            self._finish(record)
+        self.hub.publish(record)
+        return record
+
+    def _finish(self, record: TaskRecord) -> None:
+        """Start a finished task's expiry clock; keep the count bound."""
+        now = time.monotonic()
+        finished_at = self._finished_at
+        self._finished.append(record.id)
+        finished_at.append(now)
+        if len(finished_at) > self.max_results or finished_at[0] <= now - self.result_ttl:
+            self._expire()
+
+    async def request_cancel(self, task_id: str) -> TaskRecord:
+        record = self.peek(task_id)
+        if record is None:
+            raise TaskNotFoundError(f"no task with id {task_id!r} (unknown or expired)")
+        if record.status in FINAL_STATUSES:
+            raise TaskAlreadyFinishedError(
+                f"task {task_id} already finished with status {record.status.value!r}"
+            )
+        if record.owner is None:
+            updated = await self.update(
+                task_id,
+                None,
+                record.attempts,
+                status=TaskStatus.CANCELLED,
+                error_type="TaskCancelled",
+                error="TaskCancelled: cancelled by request",
+                completed_at=utcnow(),
+            )
+        else:
+            updated = await self.update(
+                task_id, record.owner, record.attempts, cancel_requested=True
+            )
+        assert updated is not None  # nothing awaits in between: the compare cannot fail
+        return updated
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        return self.peek(task_id)
+
+    def peek(self, task_id: str) -> TaskRecord | None:
+        finished_at = self._finished_at
+        if finished_at and finished_at[0] <= time.monotonic() - self.result_ttl:
+            self._expire()  # (the count bound is kept by _finish)
+        return self._records.get(task_id)
+
+    async def recent(
+        self, *, limit: int, status: TaskStatus | None = None, name: str | None = None
+    ) -> list[TaskRecord]:
+        self._expire()
+        out: list[TaskRecord] = []
+        for record in reversed(self._records.values()):
+            if status is not None and record.status is not status:
+                continue
+            if name is not None and record.name != name:
+                continue
+            out.append(record)
+            if len(out) >= limit:
+                break
+        return out
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        return None  # one process: its lease never lapses
+
+    async def recover(self, can_run: Callable[[str], bool], limit: int) -> list[TaskRecord]:
+        return []  # nobody else could have left work here
+
+    async def expire(self) -> int:
+        return self._expire()
+
+    def _expire(self) -> int:
+        finished, finished_at = self._finished, self._finished_at
+        deadline = time.monotonic() - self.result_ttl
+        records = self._records
+        dropped = 0
+        while finished_at and (len(finished_at) > self.max_results or finished_at[0] <= deadline):
+            finished_at.popleft()
+            task_id = finished.popleft()
+            record = records.get(task_id)
+            if record is not None and record.delivery is not None and record.delivery.open:
+                self._kept.add(task_id)  # its callback is still to go: expire it after
+                continue
+            if records.pop(task_id, None) is not None:
+                dropped += 1
+        return dropped
