@@ -19,14 +19,13 @@ from fastworker_fastapi.errors import NotRunningError
 
 if TYPE_CHECKING:
     from fastworker_fastapi.client import TaskClient
-    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.scheduler import _Run
 
 current_client: ContextVar[TaskClient | None] = ContextVar(
     "fastworker_fastapi_client", default=None
 )
-current_record: ContextVar[TaskRecord | None] = ContextVar(
-    "fastworker_fastapi_record", default=None
-)
+current_run: ContextVar[_Run | None] = ContextVar("fastworker_fastapi_run", default=None)
+"""The run of the task executing in this context (set by the scheduler's worker loop)."""
 
 _running: weakref.WeakSet[TaskClient] = weakref.WeakSet()
 

@@ -1,20 +1,26 @@
 """Completion callbacks: delivery to app endpoints, webhooks and FastWorker listeners.
 
 ```
-task final ──► listener ──► job table ──► N delivery loops ──► "/path"   app, in-process ASGI
-(success,      (payload,    (bounded;     │ one attempt        http(s)   signed webhook
- failure,       delivery     full: failed) │ under a deadline   tcp://    nng Pair0 message
- cancelled)     id)                        │
-                        retry timer ◄──────┘ connection error, timeout, 5xx, 408, 429
-                   (exponential backoff)     (a 4xx other than 408/429 is final)
+task final + outbox entry ──► listener ──► job table ──► N delivery loops ──► "/path"  app
+(one store write: status      (this         (bounded;     │ one attempt       http(s) webhook
+ and delivery "pending")       process's)    full: failed) │ under a deadline  tcp://  nng Pair0
+                                                           │
+                        retry timer ◄──────────────────────┘ connection error, timeout, 5xx,
+                   (exponential backoff)                       408, 429 (other 4xx: final)
 ```
+
+The outbox is the task's own record in the store: its final status and a pending delivery
+(with its delivery id) are written together, and every attempt's outcome is written back.
+A process that dies with callbacks outstanding leaves them in the store; whichever process
+recovers its tasks (or the next start) delivers them, with the same delivery id.
 
 Delivery is at-least-once: an attempt whose outcome is unknown (timeout, lost connection) is
 repeated, always with the same delivery id, so a receiver dedupes on it. A job waiting for
 its retry holds no delivery loop, so a slow or failing receiver delays other callbacks by
 at most one loop out of `concurrency`. At shutdown (after the scheduler has drained, so the
 callbacks of tasks that finished during the drain are included), waiting retries are tried at
-once; what is still pending when the shutdown budget is spent is recorded as failed.
+once; what is still pending when the shutdown budget is spent stays in the outbox for the next
+start with a durable store, and is recorded as failed with the memory store.
 """
 
 from __future__ import annotations
@@ -27,9 +33,8 @@ import logging
 import math
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -47,13 +52,15 @@ from fastworker_fastapi.errors import (
     ConfigurationError,
     InvalidTaskOptionsError,
 )
-from fastworker_fastapi.store import CallbackDelivery, utcnow
+from fastworker_fastapi.records import CallbackDelivery, utcnow
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
     from starlette.applications import Starlette
 
-    from fastworker_fastapi.store import TaskRecord, TaskStore
+    from fastworker_fastapi.events import EventHub
+    from fastworker_fastapi.records import TaskRecord
+    from fastworker_fastapi.stores.base import TaskStore
 
 __all__ = [
     "DELIVERY_HEADER",
@@ -345,12 +352,16 @@ class _AttemptError(Exception):
 @dataclass(slots=True, eq=False)
 class _Job:
     id: str
-    record: TaskRecord
-    delivery: CallbackDelivery
+    record: TaskRecord  # the latest record the store returned
     kind: Kind
     address: str
     body: bytes
     wake: anyio.Event | None = None
+
+    @property
+    def delivery(self) -> CallbackDelivery:
+        assert self.record.delivery is not None
+        return self.record.delivery
 
 
 class CallbackDispatcher:
@@ -464,7 +475,9 @@ class CallbackDispatcher:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, task_group: TaskGroup, store: TaskStore, app: Starlette | None) -> None:
+    def start(
+        self, task_group: TaskGroup, store: TaskStore, hub: EventHub, app: Starlette | None
+    ) -> None:
         """Start the delivery loops in `task_group` and listen for finished tasks."""
         settings = self.settings
         self._store = store
@@ -489,9 +502,7 @@ class CallbackDispatcher:
                 base_url=settings.app_base_url,
                 headers=headers,
             )
-        self._remove_listener = store.events.add_listener(
-            self._on_change, final_only=True, when="callback"
-        )
+        self._remove_listener = hub.add_listener(self._on_change, final_only=True, when="callback")
         task_group.start_soon(self._main)
         self._started = True
 
@@ -512,12 +523,16 @@ class CallbackDispatcher:
         self._remove_listener()
         self._scope.cancel()
         await self._stopped.wait()
-        for job in tuple(self._jobs.values()):
-            self._fail(
-                job,
-                f"still pending at shutdown when shutdown_timeout ran out "
-                f"(after {job.delivery.attempts} attempts)",
-            )
+        with anyio.CancelScope(shield=True):
+            for job in tuple(self._jobs.values()):
+                if self._store.durable:  # stays in the outbox for the next start
+                    await self._write(job, owner=None)
+                    continue
+                await self._fail(
+                    job,
+                    f"still pending at shutdown when shutdown_timeout ran out "
+                    f"(after {job.delivery.attempts} attempts)",
+                )
         self._send.close()
         self._receive.close()
         await self._webhooks.aclose()
@@ -537,45 +552,69 @@ class CallbackDispatcher:
     # -- the pipeline -------------------------------------------------------------------------
 
     def _on_change(self, record: TaskRecord) -> None:
-        """EventHub listener: a final record with a callback gets exactly one delivery."""
-        if record.callback is None or record.delivery is not None or not record.finished:
+        """Hub listener: a finished task of ours whose callback is still in the outbox."""
+        delivery = record.delivery
+        if (
+            delivery is None
+            or not delivery.open
+            or record.owner != self._store.owner
+            or delivery.delivery_id is None
+            or delivery.delivery_id in self._jobs
+            or not self._started
+        ):
             return
-        delivery_id = uuid.uuid4().hex
-        delivery = record.delivery = CallbackDelivery(delivery_id=delivery_id)
-        # The publish that called us goes on to subscribers, with `delivery` already set.
+        assert record.callback is not None
+        delivery_id = delivery.delivery_id
         if len(self._jobs) >= self.settings.max_queue:
-            delivery.state = "failed"
-            delivery.last_error = (
+            self._task_group.start_soon(
+                self._fail_unqueued,
+                record,
                 f"callback queue full: {len(self._jobs)} callbacks outstanding "
-                f"(CallbackSettings.max_queue={self.settings.max_queue})"
+                f"(CallbackSettings.max_queue={self.settings.max_queue})",
             )
-            logger.warning("callback of task %s not sent: %s", record.id, delivery.last_error)
             return
         address = record.callback.address
         try:
             kind = self._classify(address)
             body = TaskCallback.from_record(record).model_dump_json().encode()
         except Exception as exc:  # validated at submission; still, never leave it pending
-            delivery.state = "failed"
-            delivery.last_error = f"cannot send to {address!r}: {exc}"
-            logger.warning("callback of task %s not sent: %s", record.id, delivery.last_error)
+            self._task_group.start_soon(
+                self._fail_unqueued, record, f"cannot send to {address!r}: {exc}"
+            )
             return
-        job = _Job(delivery_id, record, delivery, kind, address, body)
+        job = _Job(delivery_id, record, kind, address, body)
         self._jobs[delivery_id] = job
         self._send.send_nowait(job)  # never blocks: buffer size == max_queue >= len(jobs)
+
+    async def _fail_unqueued(self, record: TaskRecord, error: str) -> None:
+        logger.warning("callback of task %s not sent: %s", record.id, error)
+        assert record.delivery is not None
+        await self._store.update(
+            record.id,
+            record.owner,
+            record.attempts,
+            delivery=replace(record.delivery, state="failed", last_error=error),
+        )
+
+    async def _write(self, job: _Job, **changes: Any) -> None:
+        """Write this job's task record (delivery state, owner); one writer per job."""
+        record = job.record
+        updated = await self._store.update(record.id, record.owner, record.attempts, **changes)
+        if updated is not None:
+            job.record = updated
+
+    async def _set(self, job: _Job, **delivery_changes: Any) -> None:
+        await self._write(job, delivery=replace(job.delivery, **delivery_changes))
 
     async def _loop(self) -> None:
         async for job in self._receive:
             await self._attempt(job)
 
     async def _attempt(self, job: _Job) -> None:
-        delivery = job.delivery
         timeout = min(self.settings.timeout, self._deadline - anyio.current_time())
         if timeout <= 0:  # pragma: no cover - a loop racing the shutdown deadline
-            return  # no time left for an attempt: aclose records it as failed
-        delivery.attempts += 1
-        delivery.state = "delivering"
-        self._store.changed(job.record)
+            return  # no time left for an attempt: aclose settles it
+        await self._set(job, attempts=job.delivery.attempts + 1, state="delivering")
         try:
             if job.kind == "tcp":
                 await self._send_tcp(job, timeout)
@@ -583,18 +622,16 @@ class CallbackDispatcher:
                 with anyio.fail_after(timeout):
                     await self._post(job, timeout)
         except _AttemptError as exc:
-            self._failed_attempt(job, str(exc), final=exc.final)
+            await self._failed_attempt(job, str(exc), final=exc.final)
         except TimeoutError:
-            self._failed_attempt(job, f"timed out after {timeout:g}s")
+            await self._failed_attempt(job, f"timed out after {timeout:g}s")
         except httpx.TransportError as exc:
-            self._failed_attempt(job, f"{type(exc).__name__}: {exc}")
+            await self._failed_attempt(job, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a broken receiver must not stop a delivery loop
             logger.exception("callback attempt for task %s failed", job.record.id)
-            self._failed_attempt(job, f"{type(exc).__name__}: {exc}")
+            await self._failed_attempt(job, f"{type(exc).__name__}: {exc}")
         else:
-            delivery.state = "delivered"
-            delivery.delivered_at = utcnow()
-            delivery.last_error = None
+            await self._set(job, state="delivered", delivered_at=utcnow(), last_error=None)
             self._finish(job)
 
     async def _post(self, job: _Job, timeout: float) -> None:
@@ -634,21 +671,24 @@ class CallbackDispatcher:
                 async with asyncio.timeout(timeout):
                     await sock.asend(job.body)
 
-    def _failed_attempt(self, job: _Job, error: str, *, final: bool = False) -> None:
+    async def _failed_attempt(self, job: _Job, error: str, *, final: bool = False) -> None:
         delivery = job.delivery
-        delivery.last_error = error
         if final:
-            self._fail(job, f"{error} (not retried)")
+            await self._fail(job, f"{error} (not retried)")
             return
         if delivery.attempts >= self.settings.max_attempts:
-            self._fail(job, f"{error} (gave up after {delivery.attempts} attempts)")
+            await self._fail(job, f"{error} (gave up after {delivery.attempts} attempts)")
             return
         delay = self.settings.retry_delay_for(delivery.attempts)
         if self._closing and anyio.current_time() + delay >= self._deadline:
-            self._fail(job, f"{error} (no time left for another attempt before shutdown)")
+            if self._store.durable:  # the next start tries again
+                await self._set(job, state="retrying", last_error=error)
+                await self._write(job, owner=None)
+                self._finish(job)
+                return
+            await self._fail(job, f"{error} (no time left for another attempt before shutdown)")
             return
-        delivery.state = "retrying"
-        self._store.changed(job.record)
+        await self._set(job, state="retrying", last_error=error)
         job.wake = anyio.Event()
         self._waiting.add(job)  # now, so that a shutdown starting before it sleeps wakes it
         self._task_group.start_soon(self._retry_later, job, delay)
@@ -662,15 +702,13 @@ class CallbackDispatcher:
             self._waiting.discard(job)
         self._send.send_nowait(job)
 
-    def _fail(self, job: _Job, error: str) -> None:
-        job.delivery.state = "failed"
-        job.delivery.last_error = error
+    async def _fail(self, job: _Job, error: str) -> None:
+        await self._set(job, state="failed", last_error=error)
         logger.warning("callback of task %s to %s failed: %s", job.record.id, job.address, error)
         self._finish(job)
 
     def _finish(self, job: _Job) -> None:
         self._jobs.pop(job.id, None)
-        self._store.changed(job.record)
         if self._closing and not self._jobs:
             self._drained.set()
 

@@ -84,19 +84,26 @@ class EventHub:
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._remote_listeners: list[Listener] = []
         self._final_listeners: list[tuple[Listener, str | None]] = []
         self._subscriptions: set[Subscription] = set()
         self._waiters: dict[str, list[asyncio.Future[TaskRecord]]] = {}
 
     def add_listener(
-        self, listener: Listener, *, final_only: bool = False, when: str | None = None
+        self,
+        listener: Listener,
+        *,
+        final_only: bool = False,
+        when: str | None = None,
+        remote_only: bool = False,
     ) -> Callable[[], None]:
         """Call `listener(record)` on every change, or with `final_only` only when a task
         reaches a final status, and then, with `when`, only if that record attribute is not
         None (`when="callback"`). Returns a function that removes the listener.
 
         `when` exists because final listeners run for every task: checking an attribute
-        costs far less than calling a function that returns at once.
+        costs far less than calling a function that returns at once. With `remote_only`,
+        only changes written by other processes (a store's feed) are passed on.
         """
         # Copy on change (rare), so publishing (every task) iterates without copying and a
         # listener may remove itself while it runs.
@@ -110,6 +117,13 @@ class EventHub:
             return remove
         if when is not None:
             raise ValueError("`when` applies to final_only listeners")
+        if remote_only:
+            self._remote_listeners = [*self._remote_listeners, listener]
+
+            def remove_remote() -> None:
+                self._remote_listeners = [x for x in self._remote_listeners if x is not listener]
+
+            return remove_remote
         self._listeners = [*self._listeners, listener]
 
         def remove_any() -> None:
@@ -153,7 +167,11 @@ class EventHub:
             if not waiters:
                 del self._waiters[task_id]
 
-    def publish(self, record: TaskRecord) -> None:
+    def publish(self, record: TaskRecord, *, remote: bool = False) -> None:
+        """Pass a change on; `remote` when another process wrote it (a store's feed)."""
+        if remote and self._remote_listeners:
+            for listener in self._remote_listeners:
+                self._call(listener, record)
         if self._waiters and record.status in FINAL_STATUSES:
             for future in self._waiters.pop(record.id, ()):
                 if not future.done():

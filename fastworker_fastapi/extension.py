@@ -2,16 +2,18 @@
 
 ```
 app lifespan ──► your lifespan start-up ──► FastWorker start-up ──► serve requests
-                                            (executor, scheduler,
+                                            (store, executor, scheduler,
                                              workers in a task group)
 app shutdown ◄── your lifespan shutdown ◄── FastWorker drain ◄──────┘
                                             (refuse new tasks, finish running ones
-                                             within shutdown_timeout, cancel the rest)
+                                             within shutdown_timeout; queued ones stay
+                                             in a durable store for the next start)
 ```
 
 Workers start after the app's own start-up and stop before its shutdown, so tasks can use
 whatever the app's lifespan opens (database pools, HTTP clients) for their whole life.
-Nothing is global: each extension owns its client, store, scheduler and routes.
+Nothing is global: each extension owns its client, store, scheduler and routes. This module is
+the composition root: it is the only one that knows every part.
 """
 
 from __future__ import annotations
@@ -32,19 +34,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fastworker_fastapi import _context
 from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
-from fastworker_fastapi.dashboard import add_dashboard_route
 from fastworker_fastapi.errors import ConfigurationError, FastWorkerError
 from fastworker_fastapi.events import EventHub
-from fastworker_fastapi.live import add_event_routes
 from fastworker_fastapi.progress import ProgressPublisher
-from fastworker_fastapi.routes import build_router
+from fastworker_fastapi.routes import RouteSettings, build_router
 from fastworker_fastapi.scheduler import Scheduler
-from fastworker_fastapi.store import TaskStore
+from fastworker_fastapi.stores import TaskStore, resolve_store
 from fastworker_fastapi.tasks import TaskRegistry, registry
 from fastworker_fastapi.workers.inprocess import InProcessWorkers
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
     from fastapi.params import Depends as DependsParam
     from starlette.applications import Starlette
 
@@ -64,6 +63,9 @@ class FastWorker:
     app factories. Options:
 
     - `workers`: `InProcessWorkers(concurrency=8)` (the default) or `RemoteWorkers(...)`;
+    - `store`: where tasks are kept, shared by every process of the app: a URL
+      (`"sqlite:///tasks.db"`, `"postgresql://..."`, `"memory"`) or a store object; by
+      default `$FASTWORKER_STORE`, else `sqlite:///fastworker.db` in the working directory;
     - `prefix`: where the status routes go (`"/tasks"`); `None` mounts none;
     - `route_dependencies`: dependencies guarding every status route (auth);
     - `result_ttl`, `max_results`: how long and how many finished tasks are kept;
@@ -75,7 +77,9 @@ class FastWorker:
       retries, concurrency).
     - `dashboard`: serve the monitoring page at `{prefix}/dashboard` (on by default);
     - `event_heartbeat`: seconds between heartbeats on idle event streams;
-    - `event_buffer`: changes buffered per event stream before a slow client is dropped.
+    - `event_buffer`: changes buffered per event stream before a slow client is dropped;
+    - `max_result_bytes`: the largest result (as JSON) a task may return; a larger one
+      fails the task with a clear error.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class FastWorker:
         app: Starlette | None = None,
         *,
         workers: WorkerSettings | None = None,
+        store: TaskStore | str | None = None,
         prefix: str | None = "/tasks",
         route_dependencies: Sequence[DependsParam] = (),
         result_ttl: float = 3600.0,
@@ -97,6 +102,7 @@ class FastWorker:
         dashboard: bool = True,
         event_heartbeat: float = 15.0,
         event_buffer: int = 256,
+        max_result_bytes: int = 1 << 20,
     ) -> None:
         _require(result_ttl > 0 and math.isfinite(result_ttl), "result_ttl must be > 0")
         _require(max_results >= 1, "max_results must be >= 1")
@@ -106,11 +112,15 @@ class FastWorker:
             event_heartbeat > 0 and math.isfinite(event_heartbeat), "event_heartbeat must be > 0"
         )
         _require(event_buffer >= 1, "event_buffer must be >= 1")
+        _require(max_result_bytes >= 1, "max_result_bytes must be >= 1")
         if prefix is not None and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ConfigurationError(
                 f"prefix must start with '/' and not end with one, got {prefix!r}"
             )
         self.workers: WorkerSettings = workers if workers is not None else InProcessWorkers()
+        self.store_setting = store
+        self.store: TaskStore | None = None  # the running store, from start-up on
+        self.max_result_bytes = max_result_bytes
         self.prefix = prefix
         self.route_dependencies = tuple(route_dependencies)
         self.result_ttl = result_ttl
@@ -149,7 +159,17 @@ class FastWorker:
         if self.exception_handlers:
             app.add_exception_handler(FastWorkerError, _error_response)
         if self.prefix is not None:
-            router = build_router(self, self.prefix, self.route_dependencies)
+            router = build_router(
+                self.client,
+                RouteSettings(
+                    prefix=self.prefix,
+                    dependencies=self.route_dependencies,
+                    tags=self.tags,
+                    dashboard=self.dashboard,
+                    event_heartbeat=self.event_heartbeat,
+                    event_buffer=self.event_buffer,
+                ),
+            )
             if isinstance(app, FastAPI):
                 app.include_router(router, include_in_schema=self.include_in_schema)
             else:  # plain Starlette: APIRoutes need the exit stack FastAPI's app provides
@@ -162,12 +182,6 @@ class FastWorker:
         """Decorator: a POST route at `path` that runs only for this extension's signed
         callbacks (401 otherwise); declare `callback: TaskCallback` to get the payload."""
         return self.callbacks.route(self.app, path, **route_options)
-
-    def _add_fixed_routes(self, router: APIRouter) -> None:
-        """Routes with fixed paths under the prefix; added before `/{task_id}`."""
-        add_event_routes(router, self)
-        if self.dashboard:
-            add_dashboard_route(router)
 
     def _chain(self, original: Lifespan) -> Lifespan:
         @asynccontextmanager
@@ -185,21 +199,37 @@ class FastWorker:
         """
         if self.client.running:
             raise ConfigurationError("this FastWorker is already running")
-        events = EventHub()
-        store = TaskStore(events=events, result_ttl=self.result_ttl, max_results=self.max_results)
+        hub = EventHub()
+        store = resolve_store(self.store_setting)
         executor = self.workers.build_executor(self.registry)
-        scheduler = Scheduler(executor, store, self.client, max_pending=self.max_pending)
         async with anyio.create_task_group() as task_group:
+            await store.open(
+                hub, task_group, result_ttl=self.result_ttl, max_results=self.max_results
+            )
+            self.store = store
+            scheduler = Scheduler(
+                executor,
+                store,
+                hub,
+                self.client,
+                max_pending=self.max_pending,
+                max_result_bytes=self.max_result_bytes,
+            )
             try:
                 await executor.start(task_group)
                 progress = ProgressPublisher(store)
                 task_group.start_soon(progress.run)
+                self.callbacks.start(task_group, store, hub, self.app)
+                self.client._bind(scheduler, self.callbacks.validate_address)
                 with progress.bind():  # the workers started here report to it
-                    scheduler.start(task_group)
-                self.callbacks.start(task_group, store, self.app)
-                self.client._bind(scheduler, store, self.callbacks.validate_address)
+                    await scheduler.start(task_group)
                 _context.mark_running(self.client)
-                logger.info("FastWorker started (%s)", type(self.workers).__name__)
+                logger.info(
+                    "FastWorker started: %s, store %s, routes %s",
+                    _describe_workers(self.workers, executor),
+                    store.description,
+                    f"{self.prefix}/..." if self.prefix is not None else "none",
+                )
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
@@ -208,9 +238,17 @@ class FastWorker:
                     await scheduler.shutdown(self.shutdown_timeout)
                     await self.callbacks.aclose(deadline)  # after the drain: its callbacks too
                     await executor.aclose()
-                    events.close()
+                    await store.close()
+                    hub.close()
                 task_group.cancel_scope.cancel()
                 logger.info("FastWorker stopped")
+
+
+def _describe_workers(settings: WorkerSettings, executor: Any) -> str:
+    """`in-process workers (concurrency 8)` or `remote workers (...)`, for the start-up log."""
+    kind = type(settings).__name__
+    mode = "in-process" if kind == "InProcessWorkers" else "remote"
+    return f"{mode} workers ({kind}, concurrency {executor.concurrency})"
 
 
 class _BindClientMiddleware:

@@ -1,7 +1,8 @@
 """Server-sent events: task changes pushed to HTTP clients as they happen.
 
 ```
-scheduler / progress ──► store.changed ──► EventHub ──► Subscription (bounded buffer)
+store writes (this process's, and other processes' through the store's feed)
+                       ──► EventHub ──► Subscription (bounded buffer)
                                                           │  one per open stream
                                                           ▼
                           GET /tasks/{id}/events   event: task   (current state first,
@@ -32,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
 from fastworker_fastapi.models import TaskInfo
-from fastworker_fastapi.store import FINAL_STATUSES
+from fastworker_fastapi.records import FINAL_STATUSES
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from fastworker_fastapi.client import TaskClient
     from fastworker_fastapi.events import EventHub, RecordFilter
     from fastworker_fastapi.extension import FastWorker
-    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.records import TaskRecord
 
 __all__ = ["EventStreamResponse", "add_event_routes", "task_events"]
 
@@ -86,7 +87,13 @@ class EventStreamResponse(StreamingResponse):
 
 
 def _event(info: TaskInfo) -> str:
-    return f"event: task\ndata: {info.model_dump_json()}\n\n"
+    try:
+        data = info.model_dump_json()
+    except Exception:  # a value no encoder accepts: say so rather than cut the stream
+        data = info.model_copy(
+            update={"result": None, "error": "UnreadableRecord: the result cannot be shown"}
+        ).model_dump_json()
+    return f"event: task\ndata: {data}\n\n"
 
 
 _OVERFLOW = "event: overflow\ndata: {}\n\n".format(
@@ -100,18 +107,22 @@ async def task_events(
     max_buffer: int,
     heartbeat: float,
     accept: RecordFilter | None = None,
-    record: TaskRecord | None = None,
+    current: Callable[[], Awaitable[TaskRecord | None]] | None = None,
 ) -> AsyncIterator[str]:
-    """The stream body: `record`'s current state if given, then each accepted change.
+    """The stream body: the task's `current()` state if given, then each accepted change.
 
-    Given a `record`, the stream ends after its final state. It subscribes only once
+    Given `current`, the stream ends after the task's final state. It subscribes only once
     iterated and closes the subscription whatever ends it (a disconnect included), so a
     response that never starts holds nothing.
     """
-    # Subscribe and snapshot with no await in between: no change can fall in the gap.
+    # Subscribe, then read: a change during the read is buffered, never missed.
     async with events.subscribe(max_buffer=max_buffer, accept=accept) as subscription:
         yield "retry: 1000\n\n"  # reconnect quickly after an overflow or a restart
-        if record is not None:
+        following = current is not None
+        if current is not None:
+            record = await current()
+            if record is None:
+                return
             info = TaskInfo.from_record(record)
             yield _event(info)
             if info.status in FINAL_STATUSES:
@@ -130,17 +141,18 @@ async def task_events(
                 yield ": heartbeat\n\n"
                 continue
             yield _event(next_info)
-            if record is not None and next_info.status in FINAL_STATUSES:
+            if following and next_info.status in FINAL_STATUSES:
                 return
 
 
-def add_event_routes(router: APIRouter, extension: FastWorker) -> None:
-    """`GET {prefix}/events` and `GET {prefix}/{task_id}/events` on the extension's router."""
-
-    def running_client() -> TaskClient:
-        if not extension.client.started:
-            raise NotRunningError("the FastWorker extension has not started yet")
-        return extension.client
+def add_event_routes(
+    router: APIRouter,
+    running_client: Callable[[], TaskClient],
+    *,
+    heartbeat: float,
+    max_buffer: int,
+) -> None:
+    """`GET {prefix}/events` and `GET {prefix}/{task_id}/events` on a status router."""
 
     @router.get(
         "/events",
@@ -154,7 +166,8 @@ def add_event_routes(router: APIRouter, extension: FastWorker) -> None:
         ] = None,
         name: Annotated[str | None, Query(description="Only tasks with this name.")] = None,
     ) -> EventStreamResponse:
-        """Every task change from now on, optionally filtered; never ends by itself."""
+        """Every task change from now on, in every process, optionally filtered; never ends
+        by itself."""
         client = running_client()
 
         def accept(record: TaskRecord) -> bool:
@@ -162,12 +175,7 @@ def add_event_routes(router: APIRouter, extension: FastWorker) -> None:
                 name is None or record.name == name
             )
 
-        body = task_events(
-            client.store.events,
-            max_buffer=extension.event_buffer,
-            heartbeat=extension.event_heartbeat,
-            accept=accept,
-        )
+        body = task_events(client.events, max_buffer=max_buffer, heartbeat=heartbeat, accept=accept)
         return EventStreamResponse(body, headers=_HEADERS)
 
     @router.get(
@@ -181,14 +189,14 @@ def add_event_routes(router: APIRouter, extension: FastWorker) -> None:
     ) -> EventStreamResponse:
         """The task's current state, then each change; closes after its final state."""
         client = running_client()
-        record = client.store.get(str(task_id))
-        if record is None:
+        key = str(task_id)
+        if await client.store.get(key) is None:
             raise TaskNotFoundError(f"no task with id {task_id} (unknown or expired)")
         body = task_events(
-            client.store.events,
-            max_buffer=extension.event_buffer,
-            heartbeat=extension.event_heartbeat,
-            accept=lambda r: r is record,
-            record=record,
+            client.events,
+            max_buffer=max_buffer,
+            heartbeat=heartbeat,
+            accept=lambda r: r.id == key,
+            current=lambda: client.store.get(key),
         )
         return EventStreamResponse(body, headers=_HEADERS)

@@ -7,6 +7,7 @@ the completion callback.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +15,11 @@ from fastworker.tasks.models import TaskPriority, TaskStatus
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.records import TaskRecord
 
-__all__ = ["CallbackState", "TaskInfo", "TaskList"]
+__all__ = ["CallbackState", "TaskInfo", "TaskList", "task_info", "task_json"]
+
+logger = logging.getLogger("fastworker_fastapi")
 
 
 class CallbackState(BaseModel):
@@ -119,3 +122,32 @@ class TaskList(BaseModel):
 
     tasks: list[TaskInfo]
     count: int = Field(description="How many tasks are in this page.")
+
+
+def task_info(record: TaskRecord) -> TaskInfo:
+    """The API view of a record."""
+    return TaskInfo.from_record(record)
+
+
+def task_json(record: TaskRecord) -> str:
+    """The record as `TaskInfo` JSON, built and serialised once.
+
+    A record that cannot be shown (a value no JSON encoder accepts, written before values
+    were checked or by a foreign writer) becomes an error entry instead of breaking a whole
+    list, stream or dashboard.
+    """
+    try:
+        return TaskInfo.from_record(record).model_dump_json()
+    except Exception as exc:
+        logger.warning("task %s cannot be shown as stored: %s", record.id, exc)
+        return TaskInfo(
+            id=record.id,
+            name=str(record.name),
+            status=record.status,
+            priority=record.priority,
+            error=f"UnreadableRecord: the stored task cannot be shown ({type(exc).__name__})",
+            error_type="UnreadableRecord",
+            attempts=record.attempts,
+            max_retries=record.policy.max_retries,
+            created_at=record.created_at,
+        ).model_dump_json()

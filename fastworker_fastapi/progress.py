@@ -5,21 +5,22 @@ async task (event loop) ───► report_progress ─────────
 sync task (worker thread) ─► report_progress ─ one hop ─────┤  only when no publish is
                              (anyio.from_thread.run_sync)   │  already armed for the task
                                                             ▼
-                  ProgressPublisher (event loop only): record.progress = latest value;
-                  publish at once if the task's last publish is >= `interval` old,
-                  else once `interval` has passed (its flusher), always with the latest value
+                  ProgressPublisher (event loop only): writes the latest value with
+                  `store.update(progress=...)` as soon as the task's last write is
+                  >= `interval` old, always with the latest value
 ```
 
 A tight loop calling `report_progress` costs a tuple assignment per call: the store and the
 subscribers see at most one update per task per `interval`, and never miss the last value
-(it is published by the flusher, or by the final status, whichever comes first). The store
-and the event hub are touched only on the event loop, never from a worker thread.
+(it is written by the publisher, or with the final status, whichever comes first). The store
+is written only from the event loop, never from a worker thread.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import threading
 import time
@@ -31,13 +32,18 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.from_thread
+from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi import _context
+from fastworker_fastapi._json import clean_text
 
 if TYPE_CHECKING:
-    from fastworker_fastapi.store import TaskRecord, TaskStore
+    from fastworker_fastapi.scheduler import _Run
+    from fastworker_fastapi.stores.base import TaskStore
 
 __all__ = ["MAX_MESSAGE_LENGTH", "ProgressPublisher", "report_progress"]
+
+logger = logging.getLogger("fastworker_fastapi")
 
 MAX_MESSAGE_LENGTH = 200
 """Longer progress messages are cut: progress is a status line, not a log."""
@@ -59,11 +65,11 @@ def report_progress(fraction: float, message: str | None = None) -> None:
     arguments raise `ValueError`/`TypeError` everywhere, so tests still catch them.
     """
     value = _validate(fraction, message)
-    record = _context.current_record.get()
+    run = _context.current_run.get()
     publisher = _publisher.get()
-    if record is None or publisher is None:
+    if run is None or publisher is None:
         return
-    publisher.report(record, value)
+    publisher.report(run, value)
 
 
 def _validate(fraction: float, message: str | None) -> tuple[float, str | None]:
@@ -76,6 +82,7 @@ def _validate(fraction: float, message: str | None) -> tuple[float, str | None]:
             raise TypeError(f"the progress message must be a string, got {message!r}")
         if len(message) > MAX_MESSAGE_LENGTH:
             message = message[: MAX_MESSAGE_LENGTH - 1] + "…"
+        message = clean_text(message, MAX_MESSAGE_LENGTH)
     return float(fraction), message
 
 
@@ -89,21 +96,19 @@ class _State:
 
 
 class ProgressPublisher:
-    """Applies reported progress to records and publishes it, throttled, on the event loop.
+    """Writes reported progress to the store, throttled, from the event loop.
 
     One per running extension: `bind()` makes it the publisher of the worker tasks started
-    inside it, `run()` (in the extension's task group) publishes what was held back.
+    inside it, `run()` (in the extension's task group) does the writes.
     """
 
     def __init__(self, store: TaskStore, *, interval: float = 0.1) -> None:
         self._store = store
         self.interval = interval
-        self._heap: list[tuple[float, int, TaskRecord, _State]] = []
+        self._heap: list[tuple[float, int, _Run, _State]] = []
         self._seq = itertools.count()
         self._wake = anyio.Event()
         self._loop_thread = threading.get_ident()  # built on the loop, in the extension's run
-        # Only records that reported progress carry a state: the rest cost an attribute check.
-        store.events.add_listener(self._forget, final_only=True, when="progress_state")
 
     @contextmanager
     def bind(self) -> Iterator[None]:
@@ -117,29 +122,29 @@ class ProgressPublisher:
         finally:
             _publisher.reset(token)
 
-    def report(self, record: TaskRecord, value: tuple[float, str | None]) -> None:
-        """Store the latest value; arm a publish unless one is armed. Any thread."""
-        if record.finished:  # a late report from an abandoned thread: nobody reads it
+    def report(self, run: _Run, value: tuple[float, str | None]) -> None:
+        """Keep the latest value; arm a write unless one is armed. Any thread."""
+        if run.record.status is not _RUNNING:  # a late report from an abandoned thread
             return
-        state: _State | None = record.progress_state
+        state: _State | None = run.progress
         if state is None:  # one thread runs a task: no other reporter races to create it
-            state = record.progress_state = _State(value)
+            state = run.progress = _State(value)
         state.value = value
         if state.armed:
             return
         state.armed = True
         if threading.get_ident() == self._loop_thread:
-            self._arm(record, state)
+            self._arm(run, state)
             return
         try:
-            anyio.from_thread.run_sync(self._arm, record, state)
+            anyio.from_thread.run_sync(self._arm, run, state)
         except RuntimeError:
             # The loop is gone (an abandoned thread outliving the app) or this is not the
             # task's own worker thread; progress is advisory, so it must not fail the task.
             state.armed = False
 
     async def run(self) -> None:
-        """Publish held-back values when their interval has passed; runs until cancelled."""
+        """Write armed values once their interval has passed; runs until cancelled."""
         heap = self._heap
         while True:
             self._wake = anyio.Event()
@@ -151,37 +156,34 @@ class ProgressPublisher:
                 with anyio.move_on_after(wait):
                     await self._wake.wait()
                 continue
-            _, _, record, state = heapq.heappop(heap)
-            self._publish(record, state, time.monotonic())
+            _, _, run, state = heapq.heappop(heap)
+            await self._write(run, state)
 
     # -- event loop only ------------------------------------------------------------------
 
-    def _arm(self, record: TaskRecord, state: _State) -> None:
-        now = time.monotonic()
-        due = state.published_at + self.interval
-        if now >= due:
-            self._publish(record, state, now)
-            return
-        heapq.heappush(self._heap, (due, next(self._seq), record, state))
+    def _arm(self, run: _Run, state: _State) -> None:
+        due = max(state.published_at + self.interval, time.monotonic())
+        heapq.heappush(self._heap, (due, next(self._seq), run, state))
         if self._heap[0][3] is state:
             self._wake.set()
 
-    def _publish(self, record: TaskRecord, state: _State, now: float) -> None:
-        state.armed = False  # first: a report racing with us arms a new publish
-        if record.finished:
-            record.progress_state = None
-            return
-        record.progress, record.progress_message = state.value
-        state.published_at = now
-        self._store.changed(record)
+    async def _write(self, run: _Run, state: _State) -> None:
+        record = run.record
+        if not state.armed or record.status is not _RUNNING:
+            return  # finished: its final write carried the latest value
+        state.armed = False  # first: a report racing with us arms a new write
+        state.published_at = time.monotonic()
+        fraction, message = state.value
+        try:
+            await self._store.update(
+                record.id,
+                record.owner,
+                record.attempts,
+                progress=fraction,
+                progress_message=message,
+            )
+        except Exception:  # progress is advisory: a failed write must not stop the others
+            logger.warning("could not record progress of task %s", record.id, exc_info=True)
 
-    def _forget(self, record: TaskRecord) -> None:
-        """On a task's final status: apply a held-back value, then drop its state.
 
-        Listeners run before the hub snapshots the record for streams, so the final event
-        carries the task's last reported progress.
-        """
-        state: _State | None = record.progress_state
-        record.progress_state = None
-        if state is not None and state.armed:
-            record.progress, record.progress_message = state.value
+_RUNNING = TaskStatus.RUNNING

@@ -9,6 +9,7 @@ through one path only, `await store.update(...)`: nobody mutates a record they w
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ __all__ = [
     "CallbackDelivery",
     "TaskPolicy",
     "TaskRecord",
+    "new_delivery",
     "utcnow",
 ]
 
@@ -219,6 +221,11 @@ class TaskRecord:
             bool(data.get("cancel_requested", False)),
             data.get("interruptions", 0),
         )
+
+
+def new_delivery() -> CallbackDelivery:
+    """A fresh outbox entry: written with the task's final status, in the same update."""
+    return CallbackDelivery(delivery_id=uuid.uuid4().hex)
 
 
 def _iso(value: datetime | None) -> str | None:

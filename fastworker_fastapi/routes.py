@@ -1,33 +1,48 @@
 """The status routes mounted under the extension's prefix (default `/tasks`).
 
-Each extension builds its own router bound to its own client, so two apps never share state.
-Fixed paths (`/tasks/events`, `/tasks/dashboard`, ...) must be added before
-`/tasks/{task_id}`, or the id route would claim them and answer 422.
+Each extension builds its own router bound to its own client, so two apps never share state;
+the router knows the client and its settings, not the extension. Every route reads the store,
+so any process of the app answers for tasks submitted in any other. Fixed paths
+(`/tasks/events`, `/tasks/dashboard`, ...) are added before `/tasks/{task_id}`, or the id route
+would claim them and answer 422.
 """
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated
+from dataclasses import dataclass
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.params import Depends as DependsParam
 from fastworker.tasks.models import TaskStatus
 from pydantic import BaseModel
+from starlette.responses import Response
 
 from fastworker_fastapi.client import TaskClient
+from fastworker_fastapi.dashboard import add_dashboard_route
 from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
-from fastworker_fastapi.models import TaskInfo, TaskList
+from fastworker_fastapi.live import add_event_routes
+from fastworker_fastapi.models import TaskInfo, TaskList, task_json
 
-if TYPE_CHECKING:
-    from fastworker_fastapi.extension import FastWorker
-
-__all__ = ["ErrorDetail", "build_router"]
+__all__ = ["ErrorDetail", "RouteSettings", "build_router"]
 
 
 class ErrorDetail(BaseModel):
     """The body of every error answer: what went wrong and, where it helps, what to do."""
 
     detail: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RouteSettings:
+    """What the status routes need besides the client."""
+
+    prefix: str
+    dependencies: Sequence[DependsParam] = ()
+    tags: Sequence[str] = ("tasks",)
+    dashboard: bool = True
+    event_heartbeat: float = 15.0
+    event_buffer: int = 256
 
 
 TaskId = Annotated[UUID, Path(description="The id returned by delay() / submit_task().")]
@@ -38,62 +53,80 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-def build_router(
-    extension: "FastWorker", prefix: str, dependencies: Sequence[DependsParam] = ()
-) -> APIRouter:
-    """The status router of one extension; `dependencies` guard every route (auth...)."""
+class _JSON(Response):
+    media_type = "application/json"
 
-    def client() -> TaskClient:
-        if not extension.client.started:
+
+def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
+    """The status router of one extension's `client`; `settings.dependencies` guard every
+    route (auth...)."""
+
+    def running() -> TaskClient:
+        if not client.started:
             raise NotRunningError("the FastWorker extension has not started yet")
-        return extension.client
+        return client
 
-    Client = Annotated[TaskClient, Depends(client)]
-    router = APIRouter(prefix=prefix, dependencies=list(dependencies), tags=list(extension.tags))
+    Client = Annotated[TaskClient, Depends(running)]
+    router = APIRouter(
+        prefix=settings.prefix,
+        dependencies=list(settings.dependencies),
+        tags=list(settings.tags),
+    )
 
     @router.get(
         "",
         response_model=TaskList,
+        response_class=_JSON,
         summary="List recent tasks",
         responses={503: _ERRORS[503]},
     )
     async def list_tasks(
         client: Client,
         status: Annotated[TaskStatus | None, Query(description="Only this status.")] = None,
-        name: Annotated[str | None, Query(description="Only this task name.")] = None,
+        name: Annotated[str | None, Query(description="Only tasks with this name.")] = None,
         limit: Annotated[int, Query(ge=1, le=500, description="At most this many.")] = 50,
-    ) -> TaskList:
-        """Recent tasks, newest first (finished ones are kept up to `result_ttl`)."""
-        records = client.store.recent(limit=limit, status=status, name=name)
-        return TaskList(tasks=[TaskInfo.from_record(r) for r in records], count=len(records))
+    ) -> Response:
+        """Recent tasks of every process, newest first (finished ones are kept up to
+        `result_ttl`)."""
+        records = await client.store.recent(limit=limit, status=status, name=name)
+        body = ",".join(task_json(record) for record in records)
+        return _JSON(f'{{"tasks":[{body}],"count":{len(records)}}}')
 
-    extension._add_fixed_routes(router)
+    add_event_routes(
+        router, running, heartbeat=settings.event_heartbeat, max_buffer=settings.event_buffer
+    )
+    if settings.dashboard:
+        add_dashboard_route(router)
 
     @router.get(
         "/{task_id}",
         response_model=TaskInfo,
+        response_class=_JSON,
         summary="Get a task's status",
         responses=_ERRORS,
     )
-    async def get_task(task_id: TaskId, client: Client) -> TaskInfo:
+    async def get_task(task_id: TaskId, client: Client) -> Response:
         """The task's status, attempts, timings, result or error, progress and callback."""
-        info = client.get_info(str(task_id))
-        if info is None:
+        record = await client.store.get(str(task_id))
+        if record is None:
             raise TaskNotFoundError(f"no task with id {task_id} (unknown or expired)")
-        return info
+        return _JSON(task_json(record))
 
     @router.delete(
         "/{task_id}",
         response_model=TaskInfo,
+        response_class=_JSON,
         summary="Cancel a task",
         responses={
             **_ERRORS,
             409: {"model": ErrorDetail, "description": "The task already finished."},
         },
     )
-    async def cancel_task(task_id: TaskId, client: Client) -> TaskInfo:
-        """Cancel a queued, scheduled or running task; 409 once it has finished."""
-        record = client.scheduler.cancel(str(task_id))
-        return TaskInfo.from_record(record)
+    async def cancel_task(task_id: TaskId, client: Client) -> Response:
+        """Cancel a queued, scheduled or running task, in whichever process runs it; 409
+        once it has finished. Answers with the task's state once it is final (or, when
+        another process runs it, after at most ~2 s with `status` as it then stands)."""
+        record = await client.scheduler.cancel(str(task_id))
+        return _JSON(task_json(record))
 
     return router

@@ -1,66 +1,109 @@
-"""One scheduler for both modes: queues, eta, retries, timeouts, cancellation, flow control.
+"""One scheduler for both modes: this process's queues, timers, retries, cancels and leases.
 
 ```
-submit ──► timer (SCHEDULED / RETRYING: loop.call_at) ──┐
-   │                                                    ▼
-   └──────────────► 4 FIFO queues (critical > high > normal > low) ──► N worker loops
+submit ─► store.insert ─► timer (SCHEDULED / RETRYING: loop.call_at) ──┐
+                  │                                                    ▼
+                  └──────────► 4 FIFO queues (critical > high > normal > low) ─► N worker loops
+                                                                          │ executor.acquire()
+  recover (dead owners' and released tasks) ──► queues / timers           │ RUNNING, then
                                                                           │ executor.run()
                       RETRYING ◄── failure with retries left ◄────────────┤
                                                                           ▼
-                                          SUCCESS / FAILURE / CANCELLED ──► store
+                                    SUCCESS / FAILURE / CANCELLED ─► await store.update(...)
 ```
 
-`N` is the executor's concurrency, so flow control is simply the number of worker loops;
-each loop takes the oldest task of the highest non-empty priority. A worker that finds the
-queues empty parks on a future and is woken by the next submission, so an idle scheduler
-costs nothing and a submission costs a deque append.
+The store keeps every task's shared copy; the scheduler keeps, for the tasks this process
+owns, a `_Run` with the live handles (definition, timer, worker task, progress) keyed by
+id. Every state change is one `await store.update(...)`, a compare-and-set on owner and
+attempt: a write after another process took the task over matches nothing and is dropped.
+Only one coroutine writes a run at a time (the worker while it holds the run, otherwise
+whoever removed it from its queue or timer), so writes never race each other.
 
-The worker loops live in the extension's task group: nothing is fire-and-forget. The hot
-path uses asyncio's own primitives (futures, `call_at`, `Task.cancel`/`uncancel`, which cost
-a fraction of anyio's cancel scopes): a task is one deque append, one loop iteration and a
-few attribute writes. FastAPI and Starlette run on asyncio, which `start()` checks.
+`N` is the executor's concurrency; a task waiting for a slot (`executor.acquire`) is still
+QUEUED and its timeout has not started. A worker that finds the queues empty parks on a
+future and is woken by the next submission, so an idle scheduler costs nothing.
+
+With a durable store, a sweeper renews this process's lease, takes over the tasks of
+processes that died (and tasks released at shutdown), and expires old results; at
+shutdown, queued and scheduled tasks are released for the next process instead of being
+cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import math
+import random
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi import _context
+from fastworker_fastapi._json import StoredValueError, clean_text, json_value
 from fastworker_fastapi.errors import (
     ConfigurationError,
     NotRunningError,
     QueueFullError,
     ShuttingDownError,
-    TaskAlreadyFinishedError,
     TaskFailed,
-    TaskNotFoundError,
 )
-from fastworker_fastapi.store import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord, TaskStore
+from fastworker_fastapi.records import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord
+from fastworker_fastapi.stores.base import final_changes, interrupted_changes
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from fastworker_fastapi.client import TaskClient
+    from fastworker_fastapi.events import EventHub
+    from fastworker_fastapi.stores.base import TaskStore
+    from fastworker_fastapi.tasks import TaskDefinition
     from fastworker_fastapi.workers.base import Executor
 
 __all__ = ["Scheduler"]
 
 logger = logging.getLogger("fastworker_fastapi")
 
-_now = datetime.now  # `_now(UTC)`: one call less than store.utcnow on the hot path
-
+_now = datetime.now  # `_now(UTC)`: one call less than records.utcnow on the hot path
 _LEVELS = PRIORITY_LEVELS
+_RUNNING = TaskStatus.RUNNING
+_SUCCESS = TaskStatus.SUCCESS
+_MAX_ERROR = 4000  # characters of an error message kept
+
+# Where a run is; only the holder of a run writes its record.
+QUEUED, TIMER, ACQUIRING, STARTING, RUNNING, FINISHING = range(6)
+
+
+class _Run:
+    """This process's live handles for one task it owns."""
+
+    __slots__ = (
+        "definition",
+        "progress",
+        "reason",
+        "record",
+        "runner",
+        "stage",
+        "timer",
+    )
+
+    def __init__(self, record: TaskRecord, definition: TaskDefinition) -> None:
+        self.record = record  # the latest record the store returned
+        self.definition = definition
+        self.stage = QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+        self.runner: asyncio.Task[Any] | None = None
+        # Set to stop the run: ("TaskCancelled", why) cancels it; ("", why) releases it
+        # as interrupted (durable store at shutdown).
+        self.reason: tuple[str, str] | None = None
+        self.progress: Any = None  # progress.py's state, once the task reports
+
+    @property
+    def id(self) -> str:
+        return self.record.id
 
 
 class Scheduler:
@@ -70,29 +113,42 @@ class Scheduler:
         self,
         executor: Executor,
         store: TaskStore,
+        hub: EventHub,
         client: TaskClient,
         *,
         max_pending: int,
+        max_result_bytes: int,
+        sweep_interval: float = 2.0,
     ) -> None:
         self.executor = executor
         self.store = store
+        self.hub = hub
         self._client = client
         self.max_pending = max_pending
-        self._queues: tuple[deque[TaskRecord], ...] = tuple(deque() for _ in _LEVELS)
-        self._timers: dict[TaskRecord, asyncio.TimerHandle] = {}
+        self.max_result_bytes = max_result_bytes
+        self.sweep_interval = sweep_interval
+        self._queues: tuple[deque[_Run], ...] = tuple(deque() for _ in _LEVELS)
         self._idle: deque[asyncio.Future[None]] = deque()
-        self._running: dict[TaskRecord, asyncio.Task[Any]] = {}
-        self._cancel_requested: set[TaskRecord] = set()
-        self._live = 0
+        self._runs: dict[str, _Run] = {}
         self._active_workers = 0
         self._workers_done: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._task_group: TaskGroup | None = None
+        self._sweeper: anyio.CancelScope | None = None
         self._closing = False
         self.accepting = False
 
+    @property
+    def owner(self) -> str:
+        return self.store.owner
+
+    def run_of(self, task_id: str) -> _Run | None:
+        """The live run of a task this process owns, if any."""
+        return self._runs.get(task_id)
+
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self, task_group: TaskGroup) -> None:
+    async def start(self, task_group: TaskGroup) -> None:
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -100,42 +156,66 @@ class Scheduler:
                 "FastWorker's scheduler needs the asyncio event loop (FastAPI's and "
                 "uvicorn's default); trio is not supported"
             ) from None
+        self._task_group = task_group
         self._workers_done = asyncio.Event()
         for _ in range(self.executor.concurrency):
             self._active_workers += 1
             task_group.start_soon(self._worker)
+        self.hub.add_listener(self._on_remote_change, remote_only=True)
         self.accepting = True
+        if self.store.durable:
+            await self._sweep()  # a restart takes its dead predecessor's work back at once
+            self._sweeper = anyio.CancelScope()
+            task_group.start_soon(self._sweep_forever, self._sweeper)
 
     async def shutdown(self, timeout: float) -> None:
-        """Refuse new tasks, let running and queued ones finish within `timeout`, cancel rest.
+        """Refuse new tasks, let running ones finish within `timeout`, settle the rest.
 
-        Tasks waiting for their eta or for a retry are cancelled at once: their time has
-        not come, and waiting for it would hold the shutdown hostage.
+        Memory store: queued tasks may run within `timeout` too; tasks waiting for their eta
+        or a retry are cancelled at once (waiting for them would hold shutdown hostage).
+        Durable store: queued and waiting tasks are released at once for the next process,
+        and running ones still unfinished at `timeout` are released as interrupted.
         """
         self.accepting = False
         self._closing = True
-        for record in list(self._timers):
-            self._cancel_record(
-                record, "ShutdownCancelled", "the app shut down before its scheduled time"
-            )
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        durable = self.store.durable
+        async with anyio.create_task_group() as settle:
+            for run in list(self._runs.values()):
+                if run.stage == TIMER or (durable and run.stage == QUEUED):
+                    self._take(run)
+                    if durable:
+                        settle.start_soon(self._release, run)
+                    else:
+                        settle.start_soon(
+                            self._finish_cancelled,
+                            run,
+                            "ShutdownCancelled",
+                            "the app shut down before its scheduled time",
+                        )
         self._wake_all()
         done = self._workers_done
         if done is None:
             return
         with anyio.move_on_after(timeout):
             await done.wait()
-        if done.is_set():
-            return
-        why = f"shutdown_timeout ({timeout:g}s) elapsed"
-        for queue in self._queues:
-            for record in list(queue):
-                self._cancel_record(record, "ShutdownCancelled", f"{why} before it ran")
-        for record in list(self._running):
-            self._cancel_record(record, "ShutdownCancelled", f"{why} before it finished")
-        with anyio.move_on_after(5):
-            await done.wait()
-        if not done.is_set():  # pragma: no cover - a task that ignores cancellation
-            logger.warning("some tasks ignored cancellation at shutdown; abandoning them")
+        if not done.is_set():
+            why = f"shutdown_timeout ({timeout:g}s) elapsed"
+            async with anyio.create_task_group() as settle:
+                for run in list(self._runs.values()):
+                    if run.stage == QUEUED:
+                        self._take(run)
+                        settle.start_soon(
+                            self._finish_cancelled, run, "ShutdownCancelled", f"{why} before it ran"
+                        )
+                    else:
+                        kind = "" if durable else "ShutdownCancelled"
+                        self._stop(run, kind, f"{why} before it finished")
+            with anyio.move_on_after(5):
+                await done.wait()
+            if not done.is_set():  # pragma: no cover - a task that ignores cancellation
+                logger.warning("some tasks ignored cancellation at shutdown; abandoning them")
 
     # -- submission -----------------------------------------------------------------------
 
@@ -145,52 +225,103 @@ class Scheduler:
             if self._closing:
                 raise ShuttingDownError("the app is shutting down; no new tasks are accepted")
             raise NotRunningError("the FastWorker extension is not running yet")
-        if self._live + count > self.max_pending:
+        if len(self._runs) + count > self.max_pending:
             raise QueueFullError(
-                f"{self._live} tasks are already pending (max_pending={self.max_pending}); "
+                f"{len(self._runs)} tasks are already pending (max_pending={self.max_pending}); "
                 "try again later"
             )
 
-    def submit(self, record: TaskRecord, delay: float) -> None:
-        """Accept a validated record, `delay` seconds before it may run (<= 0: now); raises
-        as `check_capacity` does when it cannot be accepted now."""
-        if not self.accepting or self._live >= self.max_pending:
+    async def submit(self, record: TaskRecord, definition: TaskDefinition, delay: float) -> None:
+        """Record a validated task (owned by this process) and queue it, or raise."""
+        runs = self._runs
+        if not self.accepting or len(runs) >= self.max_pending:
             self.check_capacity()
-        self._accept(record, delay)
+        record.owner = self.store.owner  # still being built: nobody else holds it yet
+        record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
+        run = _Run(record, definition)
+        runs[record.id] = run  # counts against max_pending while the insert is awaited
+        try:
+            await self.store.insert((record,))
+        except BaseException:
+            del runs[record.id]
+            raise
+        self._place(run, delay)
 
-    def submit_many(self, prepared: Sequence[tuple[TaskRecord, float]]) -> None:
-        """Accept all of them, or (raising) none."""
+    async def submit_many(
+        self, prepared: Sequence[tuple[TaskRecord, TaskDefinition, float]]
+    ) -> None:
+        """Record and queue all of them, or (raising) none."""
         self.check_capacity(len(prepared))
-        for record, delay in prepared:
-            self._accept(record, delay)
+        owner = self.store.owner
+        runs = []
+        for record, definition, delay in prepared:
+            record.owner = owner
+            record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
+            run = _Run(record, definition)
+            self._runs[record.id] = run
+            runs.append((run, delay))
+        try:
+            await self.store.insert([record for record, _, _ in prepared])
+        except BaseException:
+            for run, _ in runs:
+                self._runs.pop(run.id, None)
+            raise
+        for run, delay in runs:
+            self._place(run, delay)
 
-    def _accept(self, record: TaskRecord, delay: float) -> None:
-        self._live += 1
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """Cancel a task that has not finished, wherever it runs; raises for unknown and
+        finished ones. Returns the task's record: final when this process (or nobody)
+        owned it; for a task another process runs, as soon as it is final or after ~2 s."""
+        run = self._runs.get(task_id)
+        if run is None:
+            record = await self.store.request_cancel(task_id)
+            if record.status in FINAL_STATUSES:
+                return record
+            return await self._await_final(task_id, 2.0) or record
+        waiter = self.hub.final_waiter(task_id)
+        try:
+            if run.stage in (QUEUED, TIMER):
+                self._take(run)
+                await self._finish_cancelled(run, "TaskCancelled", "cancelled by request")
+            else:
+                self._stop(run, "TaskCancelled", "cancelled by request")
+            async with asyncio.timeout(5.0):
+                return await waiter
+        except TimeoutError:  # pragma: no cover - a worker that cannot settle in 5 s
+            return run.record
+        finally:
+            self.hub.forget_waiter(task_id, waiter)
+
+    async def _await_final(self, task_id: str, timeout: float) -> TaskRecord | None:
+        waiter = self.hub.final_waiter(task_id)
+        try:
+            record = await self.store.get(task_id)
+            if record is not None and record.status in FINAL_STATUSES:
+                return record
+            with anyio.move_on_after(timeout):
+                return await waiter
+            return await self.store.get(task_id)
+        finally:
+            self.hub.forget_waiter(task_id, waiter)
+
+    # -- placing and taking runs ----------------------------------------------------------
+
+    def _place(self, run: _Run, delay: float) -> None:
+        if self._closing:  # accepted as shutdown began: the shutdown's own pass missed it
+            if self.store.durable:
+                self._spawn(self._release, run)
+                return
         if delay > 0:
-            record.status = TaskStatus.SCHEDULED
-            self.store.add(record)
-            self._call_later(record, delay)
+            assert self._loop is not None
+            run.stage = TIMER
+            run.timer = self._loop.call_later(delay, self._due, run)
         else:
-            record.status = TaskStatus.QUEUED
-            self.store.add(record)
-            self._enqueue(record)
+            self._enqueue(run)
 
-    def cancel(self, task_id: str) -> TaskRecord:
-        """Cancel a task that has not finished; raises for unknown and finished ones."""
-        record = self.store.get(task_id)
-        if record is None:
-            raise TaskNotFoundError(f"no task with id {task_id!r} (unknown or expired)")
-        if record.status in FINAL_STATUSES:
-            raise TaskAlreadyFinishedError(
-                f"task {task_id} already finished with status {record.status.value!r}"
-            )
-        self._cancel_record(record, "TaskCancelled", "cancelled by request")
-        return record
-
-    # -- internals ------------------------------------------------------------------------
-
-    def _enqueue(self, record: TaskRecord) -> None:
-        self._queues[_LEVELS[record.priority]].append(record)
+    def _enqueue(self, run: _Run) -> None:
+        run.stage = QUEUED
+        self._queues[_LEVELS[run.record.priority]].append(run)
         idle = self._idle
         while idle:
             waiter = idle.popleft()
@@ -198,72 +329,110 @@ class Scheduler:
                 waiter.set_result(None)
                 return
 
+    def _take(self, run: _Run) -> None:
+        """Take a waiting run out of its queue or timer: the caller now writes it."""
+        if run.stage == TIMER:
+            assert run.timer is not None
+            run.timer.cancel()
+            run.timer = None
+        else:
+            self._queues[_LEVELS[run.record.priority]].remove(run)
+        run.stage = FINISHING
+
+    def _stop(self, run: _Run, kind: str, why: str) -> None:
+        """Ask the worker holding `run` to stop it (`kind` "": release as interrupted)."""
+        if run.reason is not None:
+            return
+        run.reason = (kind, why)
+        if run.stage in (ACQUIRING, RUNNING) and run.runner is not None:
+            run.runner.cancel(f"fastworker task {run.id}: {why}")
+
     def _wake_all(self) -> None:
         while self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _call_later(self, record: TaskRecord, delay: float) -> None:
-        assert self._loop is not None
-        self._timers[record] = self._loop.call_later(delay, self._due, record)
+    def _spawn(self, func: Any, *args: Any) -> None:
+        assert self._task_group is not None
+        self._task_group.start_soon(func, *args)
 
-    def _due(self, record: TaskRecord) -> None:
-        """A scheduled task's eta, or a retry's delay, has come."""
-        del self._timers[record]
-        if record.status is TaskStatus.SCHEDULED:
-            record.status = TaskStatus.QUEUED
-            self.store.changed(record)
-        self._enqueue(record)
-
-    def _cancel_record(self, record: TaskRecord, error_type: str, message: str) -> None:
-        """Finalize as CANCELLED and take the record out of wherever it waits or runs."""
-        if record.status in FINAL_STATUSES:
-            return
-        timer = self._timers.pop(record, None)
-        if timer is not None:
-            timer.cancel()
+    def _due(self, run: _Run) -> None:
+        """A scheduled task's eta, or a retry's delay, has come (a loop callback)."""
+        run.timer = None
+        if run.record.status is TaskStatus.SCHEDULED:
+            run.stage = FINISHING  # held by _make_queued until it is queued
+            self._spawn(self._make_queued, run)
         else:
-            queue = self._queues[_LEVELS[record.priority]]
-            with contextlib.suppress(ValueError):  # not queued: it is running
-                queue.remove(record)
-        self._finalize(
-            record, TaskStatus.CANCELLED, error_type=error_type, error=f"{error_type}: {message}"
-        )
-        runner = self._running.get(record)
-        if runner is not None and record not in self._cancel_requested:
-            self._cancel_requested.add(record)
-            runner.cancel(f"fastworker task {record.id}: {message}")
+            self._enqueue(run)
 
-    def _finalize(
+    async def _make_queued(self, run: _Run) -> None:
+        if await self._write(run, status=TaskStatus.QUEUED):
+            self._enqueue(run)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def _write(self, run: _Run, **changes: Any) -> bool:
+        """One compare-and-set write of this run's record; False (and the run forgotten)
+        when the store no longer has it as ours."""
+        record = run.record
+        updated = await self.store.update(record.id, record.owner, record.attempts, **changes)
+        if updated is None:
+            logger.warning(
+                "task %s [%s]: this process no longer owns it (taken over, or cancelled "
+                "elsewhere); dropping its state here",
+                record.name,
+                record.id,
+            )
+            self._runs.pop(record.id, None)
+            return False
+        run.record = updated
+        if updated.status in FINAL_STATUSES or updated.owner != record.owner:
+            self._runs.pop(record.id, None)
+        return True
+
+    async def _finish(
         self,
-        record: TaskRecord,
+        run: _Run,
         status: TaskStatus,
         result: Any = None,
-        *,
         error_type: str | None = None,
         error: str | None = None,
     ) -> None:
-        record.status = status
-        record.result = result
-        record.error = error
-        record.error_type = error_type
-        record.completed_at = _now(UTC)
-        self._live -= 1
-        self.store.finished(record)
+        changes = final_changes(
+            run.record, status=status, result=result, error=error, error_type=error_type
+        )
+        progress = run.progress
+        if progress is not None and progress.armed:  # a value held back by the throttle
+            changes["progress"], changes["progress_message"] = progress.value
+        await self._write(run, **changes)
+
+    async def _finish_cancelled(self, run: _Run, error_type: str, message: str) -> None:
+        await self._finish(
+            run, TaskStatus.CANCELLED, error_type=error_type, error=f"{error_type}: {message}"
+        )
+
+    async def _release(self, run: _Run) -> None:
+        """Give a waiting task back to the store, for any process to run."""
+        await self._write(run, owner=None)
+
+    # -- the worker loop --------------------------------------------------------------------
 
     async def _worker(self) -> None:
         _context.current_client.set(self._client)
         runner = asyncio.current_task()
         assert runner is not None and self._loop is not None
         queues = self._queues
-        publish = self.store.events.publish
-        set_current = _context.current_record.set
+        update = self.store.update
+        run_task = self.executor.run
+        acquire = getattr(self.executor, "acquire", None)
+        release = getattr(self.executor, "release", None)
+        set_current = _context.current_run.set
         try:
             while True:
                 for queue in queues:
                     if queue:
-                        record = queue.popleft()
+                        run = queue.popleft()
                         break
                 else:
                     if self._closing:
@@ -272,104 +441,152 @@ class Scheduler:
                     self._idle.append(waiter)
                     await waiter
                     continue
+                run.runner = runner
+                slot = None
+                if acquire is not None:
+                    run.stage = ACQUIRING
+                    try:
+                        slot = await acquire(run.record)
+                    except asyncio.CancelledError:
+                        if run.reason is None or runner.uncancel() > 0:
+                            raise
+                        await self._settle_stopped(run)
+                        continue
                 # One attempt, inline: this loop is the throughput path.
-                record.status = TaskStatus.RUNNING
-                record.started_at = _now(UTC)
-                record.attempts += 1
-                self._running[record] = runner
-                publish(record)
+                run.stage = STARTING
+                record = run.record
+                owner = record.owner
+                updated = await update(
+                    record.id,
+                    owner,
+                    record.attempts,
+                    status=_RUNNING,
+                    started_at=_now(UTC),
+                    attempts=record.attempts + 1,
+                )
+                if updated is None or run.reason is not None:
+                    if slot is not None and release is not None:
+                        release(slot)
+                    if updated is None:
+                        self._runs.pop(record.id, None)
+                        continue
+                    run.record = updated
+                    await self._settle_stopped(run)
+                    continue
+                run.record = record = updated
+                run.stage = RUNNING
                 # The worker's own context: the next task overwrites it, so no reset is needed;
-                # threads and sub-tasks copy it when they start, so each sees its own record.
-                set_current(record)
+                # threads and sub-tasks copy it when they start, so each sees its own run.
+                set_current(run)
                 try:
                     if record.policy.timeout is None:
-                        value = await self.executor.run(record)
+                        value = await run_task(record, run.definition, slot)
                     else:
-                        value = await self._run_with_timeout(record)
+                        value = await self._run_with_timeout(run, slot)
                 except asyncio.CancelledError:
-                    if record not in self._cancel_requested:
+                    if run.reason is None:
                         raise  # not ours: the extension is being torn down
-                    self._cancel_requested.discard(record)
                     if runner.uncancel() > 0:
                         raise  # someone else cancelled the worker too
-                    continue  # already final: cancelled while running
-                except BaseException as exc:  # SystemExit from a task must not stop a worker
-                    self._outcome_failed(record, runner, exc)
+                    run.stage = FINISHING
+                    await self._settle_stopped(run)
                     continue
-                finally:
-                    del self._running[record]
+                except BaseException as exc:  # SystemExit from a task must not stop a worker
+                    run.stage = FINISHING
+                    await self._failed_with(run, exc)
+                    continue
+                run.stage = FINISHING
+                if run.reason is not None:  # stopped while the result was on its way
+                    if runner.cancelling():
+                        runner.uncancel()
+                    await self._settle_stopped(run)
+                    continue
                 kind = type(value)
-                if not self._cancel_requested and (
-                    value is None or kind is str or kind is int or kind is bool
-                ):  # the common case: a plain value, nobody cancelling
-                    self._finalize(record, TaskStatus.SUCCESS, value)
-                else:
-                    self._outcome_value(record, runner, value)
+                if (
+                    run.progress is None
+                    and record.callback is None
+                    and (
+                        value is None
+                        or kind is int
+                        or kind is bool
+                        or (kind is str and len(value) < 4096 and value.isascii())
+                    )
+                ):  # the common case, inline: a plain value, no progress held back
+                    if await update(
+                        record.id,
+                        owner,
+                        record.attempts,
+                        status=_SUCCESS,
+                        result=value,
+                        completed_at=_now(UTC),
+                    ):
+                        del self._runs[record.id]
+                    else:
+                        self._runs.pop(record.id, None)
+                    continue
+                await self._succeeded(run, value)
         finally:
             self._active_workers -= 1
             if self._active_workers == 0 and self._workers_done is not None:
                 self._workers_done.set()
 
-    async def _run_with_timeout(self, record: TaskRecord) -> Any:
-        timeout = record.policy.timeout
+    async def _run_with_timeout(self, run: _Run, slot: Any) -> Any:
+        timeout = run.record.policy.timeout
         deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
-                return await self.executor.run(record)
+                return await self.executor.run(run.record, run.definition, slot)
         except TimeoutError:
             if not deadline.expired():
                 raise  # the task's own TimeoutError: an ordinary failure
             raise _TimedOut(f"the task exceeded its timeout of {timeout:g}s") from None
 
-    def _settle_cancel(self, record: TaskRecord, runner: asyncio.Task[Any]) -> bool:
-        """True when the record was cancelled while running (its outcome is discarded)."""
-        if record in self._cancel_requested:  # the task swallowed our cancellation
-            self._cancel_requested.discard(record)
-            runner.uncancel()
-        return record.status is not TaskStatus.RUNNING
-
-    def _outcome_value(self, record: TaskRecord, runner: asyncio.Task[Any], value: Any) -> None:
-        if self._cancel_requested and self._settle_cancel(record, runner):
-            return
-        kind = type(value)
-        if not (value is None or kind is str or kind is int or kind is bool):
-            try:
-                value = _json_value(value)
-            except (TypeError, ValueError) as exc:
-                self._failed(
-                    record,
-                    "TypeError",
-                    f"the task's return value is not JSON-serialisable: {exc}",
-                    None,
-                    retry=False,
-                )
-                return
-        self._finalize(record, TaskStatus.SUCCESS, value)
-
-    def _outcome_failed(
-        self, record: TaskRecord, runner: asyncio.Task[Any], failure: BaseException
-    ) -> None:
-        if self._settle_cancel(record, runner):
-            return
-        if isinstance(failure, _TimedOut):
-            self._failed(record, "TaskTimeout", str(failure), None)
-        elif isinstance(failure, TaskFailed):
-            self._failed(record, failure.error_type, failure.message, None)
+    async def _settle_stopped(self, run: _Run) -> None:
+        """The worker held a run that was asked to stop: cancel it, or release it."""
+        assert run.reason is not None
+        kind, why = run.reason
+        if kind:
+            await self._finish_cancelled(run, kind, why)
         else:
-            self._failed(record, type(failure).__name__, str(failure), failure)
+            await self._write(run, **interrupted_changes(run.record, why))
 
-    def _failed(
+    async def _succeeded(self, run: _Run, value: Any) -> None:
+        try:
+            value = json_value(value, self.max_result_bytes)
+        except StoredValueError as exc:
+            await self._failed(
+                run,
+                "ResultError",
+                f"the task's return value cannot be stored: {exc}",
+                None,
+                retry=False,
+            )
+            return
+        await self._finish(run, _SUCCESS, value)
+
+    async def _failed_with(self, run: _Run, failure: BaseException) -> None:
+        if isinstance(failure, _TimedOut):
+            await self._failed(run, "TaskTimeout", str(failure), None)
+        elif isinstance(failure, TaskFailed):
+            await self._failed(run, failure.error_type, failure.message, None)
+        else:
+            await self._failed(run, type(failure).__name__, str(failure), failure)
+
+    async def _failed(
         self,
-        record: TaskRecord,
+        run: _Run,
         error_type: str,
         message: str,
         exc: BaseException | None,
         *,
         retry: bool = True,
     ) -> None:
-        error = f"{error_type}: {message}" if message else error_type
+        record = run.record
+        error = clean_text(f"{error_type}: {message}" if message else error_type, _MAX_ERROR)
+        error_type = clean_text(error_type, 200)
         policy = record.policy
-        will_retry = retry and record.attempts <= policy.max_retries and self.accepting
+        failures = record.attempts - record.interruptions
+        will_retry = retry and failures <= policy.max_retries and self.accepting
         logger.error(
             "task %s [%s] attempt %d failed: %s%s",
             record.name,
@@ -380,23 +597,78 @@ class Scheduler:
             exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
         )
         if not will_retry:
-            self._finalize(record, TaskStatus.FAILURE, error_type=error_type, error=error)
+            await self._finish(run, TaskStatus.FAILURE, error_type=error_type, error=error)
             return
-        record.status = TaskStatus.RETRYING
-        record.error = error
-        record.error_type = error_type
-        self.store.changed(record)
-        self._call_later(record, policy.retry_delay_for(record.attempts))
+        delay = policy.retry_delay_for(failures)
+        if await self._write(
+            run,
+            status=TaskStatus.RETRYING,
+            error=error,
+            error_type=error_type,
+            eta=_now(UTC) + timedelta(seconds=delay),
+        ):
+            self._place(run, delay)
+
+    # -- other processes ----------------------------------------------------------------------
+
+    def _on_remote_change(self, record: TaskRecord) -> None:
+        """Another process asked to cancel a task this one runs."""
+        if record.cancel_requested and record.owner == self.store.owner:
+            run = self._runs.get(record.id)
+            if run is not None and run.reason is None:
+                self._spawn(self._cancel_requested, run)
+
+    async def _cancel_requested(self, run: _Run) -> None:
+        if run.stage in (QUEUED, TIMER):
+            self._take(run)
+            # The flag raised the record's version elsewhere: read the attempt count anew.
+            fresh = await self.store.get(run.id)
+            if fresh is not None:
+                run.record = fresh
+            await self._finish_cancelled(run, "TaskCancelled", "cancelled by request")
+        elif run.stage != FINISHING:
+            self._stop(run, "TaskCancelled", "cancelled by request")
+
+    async def _sweep_forever(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                await anyio.sleep(self.sweep_interval * random.uniform(0.75, 1.25))
+                try:
+                    await self._sweep()
+                except Exception:  # the store is down for a moment: try again next round
+                    logger.exception("task store maintenance failed; retrying")
+
+    async def _sweep(self) -> None:
+        """Renew the lease, adopt released and dead owners' tasks, expire old results."""
+        store = self.store
+        await store.heartbeat()
+        free = self.max_pending - len(self._runs)
+        if free > 0 and self.accepting:
+            for record in await store.recover(self._can_run, min(free, 500)):
+                self._adopt(record)
+        await store.expire()
+
+    def _can_run(self, name: str) -> bool:
+        return self.executor.resolve(name) is not None
+
+    def _adopt(self, record: TaskRecord) -> None:
+        """Run a task this process just claimed (a finished one only has a callback left)."""
+        if record.status in FINAL_STATUSES or record.id in self._runs:
+            return
+        definition = self.executor.resolve(record.name)
+        if definition is None:  # pragma: no cover - recover() asked can_run
+            return
+        run = _Run(record, definition)
+        self._runs[record.id] = run
+        if record.cancel_requested:
+            run.stage = FINISHING
+            self._spawn(self._finish_cancelled, run, "TaskCancelled", "cancelled by request")
+            return
+        delay = 0.0
+        if record.eta is not None and record.status is not TaskStatus.QUEUED:
+            delay = (record.eta - _now(UTC)).total_seconds()
+        self._place(run, delay)
 
 
 class _TimedOut(Exception):  # an internal signal: it never escapes the scheduler
     """The task's own timeout expired (a task raising TimeoutError is an ordinary failure)."""
-
-
-def _json_value(value: Any) -> Any:
-    """The value as it would arrive through JSON: the same in both modes."""
-    if value is None or type(value) in (str, int, bool):
-        return value
-    if type(value) is float and math.isfinite(value):
-        return value
-    return json.loads(json.dumps(value, allow_nan=False))

@@ -22,7 +22,7 @@ from fastworker.tasks.registry import task_registry as fastworker_registry
 
 from fastworker_fastapi._context import resolve_client
 from fastworker_fastapi.errors import ConfigurationError
-from fastworker_fastapi.store import TaskPolicy
+from fastworker_fastapi.records import TaskPolicy
 
 if TYPE_CHECKING:
     from fastworker_fastapi.client import TaskClient
@@ -115,20 +115,20 @@ class TaskCall[**P, R]:
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Submit the task and return its id at once."""
-        return self._submit(self._client(), args, kwargs)
+        return await self._submit(self._client(), args, kwargs)
 
     async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskResult:
         """Submit the task and wait for its final `TaskResult`."""
         client = self._client()
-        return await client.wait(self._submit(client, args, kwargs))
+        return await client.wait(await self._submit(client, args, kwargs))
 
     def _client(self) -> TaskClient:
         client = self._options.client
         return client if client is not None else resolve_client()
 
-    def _submit(self, client: TaskClient, args: Any, kwargs: Any) -> str:
+    async def _submit(self, client: TaskClient, args: Any, kwargs: Any) -> str:
         o = self._options
-        return client._submit(
+        return await client._submit(
             self._task.name,
             args,
             kwargs,

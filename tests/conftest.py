@@ -24,6 +24,12 @@ from fastworker_fastapi._control_plane import ControlPlaneProcess
 TESTS_DIR = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True)
+def _memory_store_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests keep tasks in memory; tests about a store say which one they use."""
+    monkeypatch.setenv("FASTWORKER_STORE", "memory")
+
+
 @asynccontextmanager
 async def serve(app: ASGIApp, *, shutdown_timeout: float = 30) -> AsyncIterator[httpx.AsyncClient]:
     """Run `app`'s lifespan and give an HTTP client talking to it in-process."""

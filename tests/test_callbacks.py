@@ -154,8 +154,8 @@ def make_app(
 async def delivered(fw: FastWorker, task_id: str, state: str = "delivered") -> CallbackState:
     """Wait until the task's callback reaches `state`; return it."""
 
-    def check() -> CallbackState | None:
-        info = fw.client.get_info(task_id)
+    async def check() -> CallbackState | None:
+        info = await fw.client.get_info(task_id)
         assert info is not None
         cb = info.callback
         return cb if cb is not None and cb.state == state else None
@@ -303,7 +303,7 @@ async def test_slow_receiver_does_not_hold_up_other_callbacks() -> None:
         await delivered(fw, stuck, "delivering")
         ids = [await fw.client.delay_with_callback("cb_echo", "/hooks/done", i) for i in range(20)]
         await eventually(lambda: len(receiver.processed) == 20)
-        assert fw.client.get_info(stuck).callback.state == "delivering"  # type: ignore[union-attr]
+        assert (await fw.client.get_info(stuck)).callback.state == "delivering"  # type: ignore[union-attr]
         receiver.release.set()
         await delivered(fw, stuck)
         assert {cb.task_id for cb in receiver.receipts} == set(ids)
@@ -397,7 +397,7 @@ async def test_callback_of_a_task_finishing_during_the_drain_is_delivered() -> N
         task_id = await fw.client.delay_with_callback("cb_sleep", "/hooks/done", 0.2)
     # The lifespan has ended: the task finished during the drain and its callback went out.
     assert list(receiver.by_task()) == [task_id]
-    assert fw.client.get_info(task_id).callback.state == "delivered"  # type: ignore[union-attr]
+    assert (await fw.client.get_info(task_id)).callback.state == "delivered"  # type: ignore[union-attr]
 
 
 async def test_callbacks_still_pending_at_shutdown_are_recorded_as_failed() -> None:
@@ -411,13 +411,13 @@ async def test_callbacks_still_pending_at_shutdown_are_recorded_as_failed() -> N
         await delivered(fw, hanging, "delivering")
         await delivered(fw, backing_off, "retrying")
     assert time.monotonic() - started < 10
-    hung = fw.client.get_info(hanging).callback  # type: ignore[union-attr]
+    hung = (await fw.client.get_info(hanging)).callback  # type: ignore[union-attr]
     assert hung is not None
     assert hung.state == "failed"
     assert hung.last_error is not None
     assert "shutdown" in hung.last_error
     # The one waiting 60 s for its retry got a last attempt at once, then was given up.
-    retried = fw.client.get_info(backing_off).callback  # type: ignore[union-attr]
+    retried = (await fw.client.get_info(backing_off)).callback  # type: ignore[union-attr]
     assert retried is not None
     assert retried.state == "failed"
     assert retried.attempts == 2
@@ -818,8 +818,8 @@ async def test_tcp_retries_until_the_listener_appears() -> None:
             "cb_echo", f"tcp://127.0.0.1:{port}", 5, callback_data={"n": 5}
         )
 
-        def second_attempt_failed() -> bool:
-            cb = fw.client.get_info(task_id).callback  # type: ignore[union-attr]
+        async def second_attempt_failed() -> bool:
+            cb = (await fw.client.get_info(task_id)).callback  # type: ignore[union-attr]
             return cb is not None and cb.attempts == 2 and cb.state == "retrying"
 
         await eventually(second_attempt_failed)

@@ -218,7 +218,7 @@ async def test_delay_with_callback_records_the_callback() -> None:
             "cl_add", "/hooks/done", 1, 2, callback_data={"user": 7}
         )
         result = await fw.client.wait(task_id)
-        info = fw.client.get_info(task_id)
+        info = await fw.client.get_info(task_id)
     assert result.callback is not None and result.callback.data == {"user": 7}
     assert info is not None and info.callback is not None
     assert info.callback.address == "/hooks/done"

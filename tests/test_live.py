@@ -20,7 +20,7 @@ from fastworker_fastapi import ConfigurationError, FastWorker, background_task, 
 from fastworker_fastapi.events import EventHub
 from fastworker_fastapi.live import task_events
 from fastworker_fastapi.progress import MAX_MESSAGE_LENGTH
-from fastworker_fastapi.store import TaskPolicy, TaskRecord
+from fastworker_fastapi.records import TaskPolicy, TaskRecord
 from tests.conftest import eventually, serve
 
 # Gates let a test hold a task at a known point; keyed by a token the test passes in.

@@ -42,7 +42,7 @@ from fastworker_fastapi._control_plane import (
     find_fastworker_executable,
 )
 from fastworker_fastapi._nng import format_tcp_address, pair0_send
-from fastworker_fastapi.store import TaskPolicy, TaskRecord
+from fastworker_fastapi.records import TaskPolicy, TaskRecord
 from fastworker_fastapi.tasks import TaskRegistry
 from fastworker_fastapi.workers.remote import RemoteExecutor, _outcome
 from tests.conftest import eventually, group_is_gone, serve
@@ -438,7 +438,7 @@ async def test_a_sigkilled_spawned_plane_is_detected_and_retries_go_elsewhere() 
         async with asyncio.timeout(20):
             results = [await fw.client.wait(task_id) for task_id in ids]
         assert [r.result for r in results] == [f"r{n}" for n in range(8)]
-        attempts = sorted(fw.client.get_info(task_id).attempts for task_id in ids)  # type: ignore[union-attr]
+        attempts = sorted((await fw.client.get_info(task_id)).attempts for task_id in ids)  # type: ignore[union-attr]
         assert attempts == [1, 1, 1, 1, 2, 2, 2, 2]  # the killed plane's half ran again
         assert list(executor.planes()) == [executor._processes[1].base_address]
     assert all(p.pid is not None and group_is_gone(p.pid) for p in executor._processes)

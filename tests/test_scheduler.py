@@ -133,7 +133,7 @@ async def test_async_timeout_is_a_failure_that_says_so() -> None:
     app, fw = make()
     async with serve(app):
         result = await fw.client.submit_task("sched_slow", args=(5,))
-        info = fw.client.get_info(result.task_id)
+        info = await fw.client.get_info(result.task_id)
     assert result.status is TaskStatus.FAILURE
     assert result.error == "TaskTimeout: the task exceeded its timeout of 0.05s"
     assert info is not None and info.error_type == "TaskTimeout"
@@ -160,7 +160,7 @@ async def test_retries_with_backoff_then_success() -> None:
     async with serve(app):
         fw.client.store.events.add_listener(lambda record: seen.append(record.status))
         result = await fw.client.submit_task("sched_flaky", args=("retry-ok", 2))
-        info = fw.client.get_info(result.task_id)
+        info = await fw.client.get_info(result.task_id)
     assert result.status is TaskStatus.SUCCESS and result.result == 3
     assert info is not None and info.attempts == 3 and info.error is None
     assert seen == [
@@ -179,7 +179,7 @@ async def test_retries_exhausted_records_the_last_error() -> None:
     app, fw = make()
     async with serve(app):
         result = await fw.client.submit_task("sched_flaky", args=("retry-no", 10))
-        info = fw.client.get_info(result.task_id)
+        info = await fw.client.get_info(result.task_id)
     assert result.status is TaskStatus.FAILURE
     assert result.error == "ConnectionError: attempt 4 failed"
     assert info is not None and info.attempts == 4 and info.error_type == "ConnectionError"
@@ -227,7 +227,7 @@ async def test_countdown_and_eta_wait_then_run() -> None:
     assert past.status is first.status is second.status is TaskStatus.SUCCESS
     assert first.started_at is not None and second.started_at is not None
     assert first.started_at < second.started_at
-    info = client.get_info(later)
+    info = await client.get_info(later)
     assert info is not None and info.eta is not None and info.started_at is not None
     assert info.started_at >= info.eta
 
@@ -294,7 +294,7 @@ async def test_shutdown_drains_running_and_queued_tasks() -> None:
     assert len(refused) == 1
     assert client.get_status(running) is TaskStatus.SUCCESS
     assert client.get_status(queued) is TaskStatus.SUCCESS
-    info = client.get_info(scheduled)
+    info = await client.get_info(scheduled)
     assert info is not None and info.status is TaskStatus.CANCELLED
     assert info.error == "ShutdownCancelled: the app shut down before its scheduled time"
 
@@ -307,7 +307,7 @@ async def test_shutdown_timeout_cancels_what_is_left_and_says_why() -> None:
         running = await client.delay("sched_gate", "stuck")
         queued = await client.delay("sched_record", "never-run")
         await eventually(lambda: client.get_status(running) is TaskStatus.RUNNING)
-    running_info, queued_info = client.get_info(running), client.get_info(queued)
+    running_info, queued_info = await client.get_info(running), await client.get_info(queued)
     assert running_info is not None and queued_info is not None
     assert running_info.status is queued_info.status is TaskStatus.CANCELLED
     assert running_info.error == (

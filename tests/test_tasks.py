@@ -81,11 +81,11 @@ async def test_handle_delay_submit_and_options() -> None:
         assert (await fw.client.wait(task_id)).result == "hello bob!"
         result = await tk_report.submit(7)
         assert result.result == {"report": 7}
-        info = fw.client.get_info(result.task_id)
+        info = await fw.client.get_info(result.task_id)
         assert info is not None and info.priority is TaskPriority.LOW
         assert info.max_retries == 2
         scheduled = await tk_greet.options(priority="critical", countdown=60).delay("eve")
-        info = fw.client.get_info(scheduled)
+        info = await fw.client.get_info(scheduled)
         assert info is not None and info.status is TaskStatus.SCHEDULED
         assert info.priority is TaskPriority.CRITICAL
         submitted = await tk_greet.options(priority=TaskPriority.HIGH).submit("zed", ".")

@@ -33,14 +33,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fastworker.tasks.models import TaskStatus
 
-from fastworker_fastapi.records import MAX_INTERRUPTIONS, TaskRecord, utcnow
+from fastworker_fastapi.records import MAX_INTERRUPTIONS, TaskRecord, new_delivery, utcnow
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from fastworker_fastapi.events import EventHub
 
-__all__ = ["TaskStore", "interrupted_changes", "released_changes"]
+__all__ = [
+    "TaskStore",
+    "cancelled_changes",
+    "final_changes",
+    "interrupted_changes",
+    "released_changes",
+]
 
 
 class TaskStore(Protocol):
@@ -124,14 +130,14 @@ def interrupted_changes(record: TaskRecord, why: str) -> dict[str, Any]:
     interruptions = record.interruptions + 1
     error = f"WorkerLost: {why}"
     if interruptions > MAX_INTERRUPTIONS:
-        return {
-            "status": TaskStatus.FAILURE,
-            "owner": None,
-            "interruptions": interruptions,
-            "error_type": "WorkerLost",
-            "error": f"{error} ({interruptions} attempts were interrupted; giving up)",
-            "completed_at": utcnow(),
-        }
+        return final_changes(
+            record,
+            status=TaskStatus.FAILURE,
+            owner=None,
+            interruptions=interruptions,
+            error_type="WorkerLost",
+            error=f"{error} ({interruptions} attempts were interrupted; giving up)",
+        )
     return {
         "status": TaskStatus.RETRYING,
         "owner": None,
@@ -145,13 +151,27 @@ def interrupted_changes(record: TaskRecord, why: str) -> dict[str, Any]:
 def released_changes(record: TaskRecord, why: str) -> dict[str, Any]:
     """The changes that release a task of a gone owner (any process may then take it)."""
     if record.cancel_requested and not record.finished:
-        return {
-            "status": TaskStatus.CANCELLED,
-            "owner": None,
-            "error_type": "TaskCancelled",
-            "error": "TaskCancelled: cancelled by request",
-            "completed_at": utcnow(),
-        }
+        return cancelled_changes(record)
     if record.status is TaskStatus.RUNNING:
         return interrupted_changes(record, why)
     return {"owner": None}
+
+
+def final_changes(record: TaskRecord, **changes: Any) -> dict[str, Any]:
+    """`changes` that end a task, with `completed_at` and, when it has a callback, a new
+    outbox entry in the same write (so the callback cannot be lost between two writes)."""
+    changes["completed_at"] = utcnow()
+    if record.callback is not None and record.delivery is None:
+        changes["delivery"] = new_delivery()
+    return changes
+
+
+def cancelled_changes(record: TaskRecord, why: str = "cancelled by request") -> dict[str, Any]:
+    """The changes that cancel a task that is not running anywhere."""
+    return final_changes(
+        record,
+        status=TaskStatus.CANCELLED,
+        owner=None,
+        error_type="TaskCancelled",
+        error=f"TaskCancelled: {why}",
+    )

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi.errors import TaskAlreadyFinishedError, TaskNotFoundError
-from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord, utcnow
+from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord
+from fastworker_fastapi.stores.base import cancelled_changes
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -121,15 +122,7 @@ class MemoryStore:
                 f"task {task_id} already finished with status {record.status.value!r}"
             )
         if record.owner is None:
-            updated = await self.update(
-                task_id,
-                None,
-                record.attempts,
-                status=TaskStatus.CANCELLED,
-                error_type="TaskCancelled",
-                error="TaskCancelled: cancelled by request",
-                completed_at=utcnow(),
-            )
+            updated = await self.update(task_id, None, record.attempts, **cancelled_changes(record))
         else:
             updated = await self.update(
                 task_id, record.owner, record.attempts, cancel_requested=True

@@ -5,6 +5,10 @@ the task's exception (or `TaskFailed` when the failure is known only as text). E
 else (queues, priorities, eta, retries, timeouts, cancellation, flow control) belongs to the
 scheduler, so both modes behave the same. Cancellation reaches an executor as ordinary
 anyio cancellation of its `run()` call.
+
+An executor whose capacity is not simply its `concurrency` (remote planes come and go, each
+with its own limit) also has `async acquire(record) -> slot`: the scheduler awaits it before
+it marks the task RUNNING and starts its timeout, so waiting for capacity is not running.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.records import TaskRecord
     from fastworker_fastapi.tasks import TaskDefinition, TaskRegistry
 
 __all__ = ["Executor", "WorkerSettings"]
@@ -37,10 +41,11 @@ class Executor(Protocol):
         """Get ready to run tasks; background loops go in `task_group`."""
         ...
 
-    def run(self, record: TaskRecord) -> Awaitable[Any]:
+    def run(self, record: TaskRecord, definition: TaskDefinition, slot: Any) -> Awaitable[Any]:
         """Run one attempt of the task: an awaitable of its value (or raising its error).
 
-        `async def run(...)` satisfies this; returning the task's own coroutine saves a frame.
+        `slot` is what `acquire` returned (None for executors without one). `async def
+        run(...)` satisfies this; returning the task's own coroutine saves a frame.
         """
         ...
 

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from fastworker_fastapi.errors import ConfigurationError, UnknownTaskError
+from fastworker_fastapi.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.records import TaskRecord
     from fastworker_fastapi.tasks import TaskDefinition, TaskRegistry
 
 __all__ = ["InProcessExecutor", "InProcessWorkers"]
@@ -68,10 +68,7 @@ class InProcessExecutor:
     async def start(self, task_group: TaskGroup) -> None:
         self._limiter = anyio.CapacityLimiter(self._thread_limit)
 
-    def run(self, record: TaskRecord) -> Awaitable[Any]:
-        definition = record.definition or self._registry.get(record.name)
-        if definition is None:  # unregistered after submission: refuse clearly
-            return _raise(UnknownTaskError(f"no task registered under {record.name!r}"))
+    def run(self, record: TaskRecord, definition: TaskDefinition, slot: Any) -> Awaitable[Any]:
         if definition.is_async:  # the task's own coroutine: no wrapper frame
             coroutine: Awaitable[Any] = definition.func(*record.args, **record.kwargs)
             return coroutine
@@ -80,7 +77,3 @@ class InProcessExecutor:
 
     async def aclose(self) -> None:
         return None
-
-
-async def _raise(error: Exception) -> Any:
-    raise error

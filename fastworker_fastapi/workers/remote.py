@@ -1,7 +1,7 @@
 """Remote workers: tasks run on FastWorker control planes, spawned here or reached over the network.
 
 ```
-scheduler loop ── run(record) ──► slot on the least-loaded healthy plane (< max_in_flight)
+scheduler loop ── acquire(record) ──► slot on the least-loaded healthy plane (< max_in_flight)
                                     │ (waits in priority order while every plane is full)
                                     ▼
                   plane outbox ──► sender ── one batch_submit per priority (any reply = ack)
@@ -51,13 +51,13 @@ from fastworker_fastapi._control_plane import (
 )
 from fastworker_fastapi._nng import Pair0Listener, parse_tcp_address
 from fastworker_fastapi.errors import ConfigurationError, TaskFailed
-from fastworker_fastapi.store import PRIORITY_LEVELS, TaskPolicy
+from fastworker_fastapi.records import PRIORITY_LEVELS, TaskPolicy
 from fastworker_fastapi.tasks import TaskDefinition
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from fastworker_fastapi.store import TaskRecord
+    from fastworker_fastapi.records import TaskRecord
     from fastworker_fastapi.tasks import TaskRegistry
 
 __all__ = ["RemoteExecutor", "RemoteWorkers"]
@@ -191,10 +191,11 @@ class _Plane:
     zombies: set[str] = field(default_factory=set)  # cancelled or lost, maybe still running
     outbox: list[list[_Waiter]] = field(default_factory=lambda: [[] for _ in _LEVELS])
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reserved: int = 0  # slots acquired by the scheduler, not dispatched yet
 
     @property
     def load(self) -> int:
-        return len(self.in_flight) + len(self.zombies)
+        return len(self.in_flight) + len(self.zombies) + self.reserved
 
 
 class RemoteExecutor:
@@ -285,19 +286,33 @@ class RemoteExecutor:
             self._callback_address,
         )
 
-    async def run(self, record: TaskRecord) -> Any:
-        """Submit one attempt to a plane and wait for its callback (or a failure that says why)."""
+    async def acquire(self, record: TaskRecord) -> _Plane:
+        """Wait for a plane with a free slot, in priority order (the task is not RUNNING yet)."""
         if self._closed:
             raise TaskFailed("WorkerLost", "the remote workers are shut down")
+        plane = await self._acquire(_LEVELS[record.priority])
+        plane.reserved += 1
+        return plane
+
+    def release(self, slot: _Plane) -> None:
+        """Give back a slot that `acquire` returned and `run` will not use."""
+        slot.reserved -= 1
+        self._wake_slots()
+
+    async def run(self, record: TaskRecord, definition: TaskDefinition, slot: _Plane) -> Any:
+        """Submit one attempt to the acquired plane and wait for its callback (or a failure
+        that says why)."""
         level = _LEVELS[record.priority]
         deadline = self._settings.task_deadline if record.policy.timeout is None else None
+        plane = slot
+        plane.reserved -= 1  # the slot becomes an in-flight task below
         while True:
-            plane = await self._acquire(level)
             waiter = self._dispatch(record, plane, level)
             try:
                 async with asyncio.timeout(deadline):
                     outcome = await waiter.future
             except _Resubmit:
+                plane = await self._acquire(level)
                 continue
             except TimeoutError:
                 self._abandon(waiter, "its deadline passed")

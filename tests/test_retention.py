@@ -1,4 +1,4 @@
-"""The store: FastWorker's coarse view of records, and bounded retention."""
+"""Records: FastWorker's coarse view of them; bounded retention of finished tasks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fastworker_fastapi import (
     TaskStatus,
     background_task,
 )
-from fastworker_fastapi.store import TaskPolicy, TaskRecord
+from fastworker_fastapi.records import TaskPolicy, TaskRecord
 from tests.conftest import eventually, serve
 
 GATE: dict[str, anyio.Event] = {}
@@ -103,4 +103,4 @@ async def test_finished_tasks_expire_after_result_ttl() -> None:
         task_id = (await client.submit_task("st_echo", args=(1,))).task_id
         assert client.get_result(task_id) is not None
         await eventually(lambda: client.get_result(task_id) is None, timeout=5)
-        assert client.store.recent(limit=10) == []
+        assert await client.store.recent(limit=10) == []
