@@ -6,40 +6,19 @@ several processes share, with two store instances standing for two processes.
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from _records import finished, make_record, same
 from _support import eventually, opened
 from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskStatus
 
 from fastworker_fastapi.errors import TaskAlreadyFinishedError, TaskNotFoundError
 from fastworker_fastapi.records import CallbackDelivery, TaskPolicy, TaskRecord, utcnow
-
-_clock = itertools.count()
-
-
-def make_record(**fields: Any) -> TaskRecord:
-    """A queued task; `created` increases with every call so newest-first is well defined."""
-    values: dict[str, Any] = {
-        "id": uuid.uuid4().hex,
-        "name": "add",
-        "args": [1, 2],
-        "kwargs": {},
-        "priority": TaskPriority.NORMAL,
-        "policy": TaskPolicy(),
-        "status": TaskStatus.QUEUED,
-        "created": time.time() + next(_clock) * 1e-3,
-    }
-    values.update(fields)
-    return TaskRecord(**values)
-
-
-def finished(**fields: Any) -> TaskRecord:
-    return make_record(status=TaskStatus.SUCCESS, result=3, completed_at=utcnow(), **fields)
 
 
 def full_record() -> TaskRecord:
@@ -67,11 +46,6 @@ def full_record() -> TaskRecord:
         cancel_requested=True,
         interruptions=1,
     )
-
-
-def same(a: TaskRecord | None, b: TaskRecord) -> bool:
-    assert a is not None
-    return a.to_json() == b.to_json()
 
 
 # -- round trip ------------------------------------------------------------------------------
@@ -442,3 +416,47 @@ async def test_close_releases_leftover_tasks(shared_backend: Any) -> None:
         claimed = {r.id: r for r in await b.store.recover(lambda name: True, 10)}
         assert set(claimed) == {queued.id, running.id}
         assert claimed[running.id].status is TaskStatus.RETRYING
+
+
+def test_concurrent_writers_lose_nothing(shared_backend: Any) -> None:
+    """Two stores, each on its own thread and event loop, write at once; all writes land."""
+    per_store, ids = 150, [[], []]  # type: ignore[var-annotated]
+
+    async def work(index: int) -> None:
+        async with opened(shared_backend.make()) as s:
+            owner = s.store.owner
+
+            async def one(batch: int) -> None:
+                records = [make_record(owner=owner) for _ in range(batch)]
+                await s.store.insert(records)
+                for record in records:
+                    ids[index].append(record.id)
+                    await s.store.update(record.id, owner, 0, status=TaskStatus.RUNNING)
+                    assert await s.store.update(
+                        record.id, owner, 0, status=TaskStatus.SUCCESS, result=record.id
+                    )
+
+            await asyncio.gather(*(one(n % 3 + 1) for n in range(per_store // 2)))
+
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            asyncio.run(work(index))
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+
+    async def check() -> None:
+        async with opened(shared_backend.make()) as c:
+            everything = await c.store.recent(limit=10_000)
+            assert len(everything) == len(ids[0]) + len(ids[1])
+            assert all(r.status is TaskStatus.SUCCESS and r.result == r.id for r in everything)
+
+    asyncio.run(check())
