@@ -1,0 +1,64 @@
+"""Store kinds for the contract suite: each kind is one factory.
+
+A factory gets pytest's `tmp_path` and returns a `Backend`, whose `make(**options)` builds a
+new store instance on the same backend (a shared backend: two instances stand for two
+processes). To add a kind (PostgreSQL), write its factory, add it to `BACKENDS`, and to
+`SHARED_KINDS` if several processes share it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _support import isolate_package
+
+isolate_package()
+
+from fastworker_fastapi.stores.base import TaskStore  # noqa: E402
+from fastworker_fastapi.stores.memory import MemoryStore  # noqa: E402
+from fastworker_fastapi.stores.sqlite import SQLiteStore  # noqa: E402
+
+
+@dataclass
+class Backend:
+    kind: str
+    make: Callable[..., TaskStore]
+    """A new store instance on this backend; options a kind does not know are ignored."""
+    shared: bool = False
+
+
+def memory_backend(tmp_path: Path) -> Backend:
+    return Backend("memory", lambda **options: MemoryStore())
+
+
+def sqlite_backend(tmp_path: Path) -> Backend:
+    path = tmp_path / "tasks.db"
+
+    def make(**options: Any) -> TaskStore:
+        return SQLiteStore(path, **{"poll_interval": 0.05, **options})
+
+    return Backend("sqlite", make, shared=True)
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "memory": memory_backend,
+    "sqlite": sqlite_backend,
+}
+SHARED_KINDS = [kind for kind in BACKENDS if kind != "memory"]
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture(params=SHARED_KINDS)
+def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return BACKENDS[request.param](tmp_path)
