@@ -74,6 +74,8 @@ class MemoryStore:
         for record in records:
             if record.id in store:
                 raise ValueError(f"a task with id {record.id!r} exists already")
+        if len(records) > 1 and len({record.id for record in records}) < len(records):
+            raise ValueError("a batch names the same task id twice: it exists already")
         publish = self.hub.publish
         for record in records:
             store[record.id] = record

@@ -123,8 +123,6 @@ async def test_batch_insert_is_all_or_none(backend: Any) -> None:
 
 
 async def test_duplicate_ids_within_one_batch_are_refused(backend: Any) -> None:
-    if backend.kind == "memory":
-        pytest.xfail("MemoryStore checks ids against the store only, not within the batch")
     twin = make_record()
     async with opened(backend.make()) as a:
         with pytest.raises(ValueError, match="exists"):
