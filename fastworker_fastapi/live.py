@@ -31,7 +31,7 @@ from fastworker.tasks.models import TaskStatus
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
+from fastworker_fastapi.errors import TaskNotFoundError
 from fastworker_fastapi.models import TaskInfo
 from fastworker_fastapi.records import FINAL_STATUSES
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
     from fastworker_fastapi.client import TaskClient
     from fastworker_fastapi.events import EventHub, RecordFilter
-    from fastworker_fastapi.extension import FastWorker
     from fastworker_fastapi.records import TaskRecord
 
 __all__ = ["EventStreamResponse", "add_event_routes", "task_events"]

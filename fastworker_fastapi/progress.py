@@ -105,7 +105,8 @@ class ProgressPublisher:
     def __init__(self, store: TaskStore, *, interval: float = 0.1) -> None:
         self._store = store
         self.interval = interval
-        self._heap: list[tuple[float, int, _Run, _State]] = []
+        # (due, tie-break, run, state, value to write or None for the latest)
+        self._heap: list[tuple[float, int, _Run, _State, tuple[float, str | None] | None]] = []
         self._seq = itertools.count()
         self._wake = anyio.Event()
         self._loop_thread = threading.get_ident()  # built on the loop, in the extension's run
@@ -156,24 +157,36 @@ class ProgressPublisher:
                 with anyio.move_on_after(wait):
                     await self._wake.wait()
                 continue
-            _, _, run, state = heapq.heappop(heap)
-            await self._write(run, state)
+            _, _, run, state, value = heapq.heappop(heap)
+            await self._write(run, state, value)
 
     # -- event loop only ------------------------------------------------------------------
 
     def _arm(self, run: _Run, state: _State) -> None:
-        due = max(state.published_at + self.interval, time.monotonic())
-        heapq.heappush(self._heap, (due, next(self._seq), run, state))
+        now = time.monotonic()
+        due = state.published_at + self.interval
+        value = None
+        if due <= now:  # the interval has passed: write this very value, now
+            due, value = now, state.value
+            state.armed = False
+            state.published_at = now
+        heapq.heappush(self._heap, (due, next(self._seq), run, state, value))
         if self._heap[0][3] is state:
             self._wake.set()
 
-    async def _write(self, run: _Run, state: _State) -> None:
+    async def _write(
+        self, run: _Run, state: _State, value: tuple[float, str | None] | None
+    ) -> None:
         record = run.record
-        if not state.armed or record.status is not _RUNNING:
+        if record.status is not _RUNNING:
             return  # finished: its final write carried the latest value
-        state.armed = False  # first: a report racing with us arms a new write
-        state.published_at = time.monotonic()
-        fraction, message = state.value
+        if value is None:
+            if not state.armed:
+                return
+            state.armed = False  # first: a report racing with us arms a new write
+            state.published_at = time.monotonic()
+            value = state.value
+        fraction, message = value
         try:
             await self._store.update(
                 record.id,

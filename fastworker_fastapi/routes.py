@@ -9,14 +9,14 @@ would claim them and answer 422.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.params import Depends as DependsParam
 from fastworker.tasks.models import TaskStatus
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.dashboard import add_dashboard_route
@@ -53,8 +53,12 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-class _JSON(Response):
-    media_type = "application/json"
+class _JSON(JSONResponse):
+    """JSON built by the route itself (one serialisation per record), documented as the
+    route's `response_model` like any JSON answer."""
+
+    def render(self, content: Any) -> bytes:
+        return content.encode("utf-8") if isinstance(content, str) else super().render(content)
 
 
 def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:

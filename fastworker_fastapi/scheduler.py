@@ -129,6 +129,8 @@ class Scheduler:
         self.sweep_interval = sweep_interval
         self._queues: tuple[deque[_Run], ...] = tuple(deque() for _ in _LEVELS)
         self._idle: deque[asyncio.Future[None]] = deque()
+        self._due_runs: deque[_Run] = deque()
+        self._due_wake = asyncio.Event()
         self._runs: dict[str, _Run] = {}
         self._active_workers = 0
         self._workers_done: asyncio.Event | None = None
@@ -161,6 +163,7 @@ class Scheduler:
         for _ in range(self.executor.concurrency):
             self._active_workers += 1
             task_group.start_soon(self._worker)
+        task_group.start_soon(self._due_loop)
         self.hub.add_listener(self._on_remote_change, remote_only=True)
         self.accepting = True
         if self.store.durable:
@@ -308,10 +311,9 @@ class Scheduler:
     # -- placing and taking runs ----------------------------------------------------------
 
     def _place(self, run: _Run, delay: float) -> None:
-        if self._closing:  # accepted as shutdown began: the shutdown's own pass missed it
-            if self.store.durable:
-                self._spawn(self._release, run)
-                return
+        if self._closing and self.store.durable:  # accepted as shutdown began: release it
+            self._spawn(self._release, run)
+            return
         if delay > 0:
             assert self._loop is not None
             run.stage = TIMER
@@ -361,14 +363,21 @@ class Scheduler:
         """A scheduled task's eta, or a retry's delay, has come (a loop callback)."""
         run.timer = None
         if run.record.status is TaskStatus.SCHEDULED:
-            run.stage = FINISHING  # held by _make_queued until it is queued
-            self._spawn(self._make_queued, run)
+            run.stage = FINISHING  # held by the due loop until it is queued
+            self._due_runs.append(run)
+            self._due_wake.set()
         else:
             self._enqueue(run)
 
-    async def _make_queued(self, run: _Run) -> None:
-        if await self._write(run, status=TaskStatus.QUEUED):
-            self._enqueue(run)
+    async def _due_loop(self) -> None:
+        """Write SCHEDULED -> QUEUED for the runs whose eta came, then queue them."""
+        while True:
+            await self._due_wake.wait()
+            self._due_wake.clear()
+            while self._due_runs:
+                run = self._due_runs.popleft()
+                if await self._write(run, status=TaskStatus.QUEUED):
+                    self._enqueue(run)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -403,7 +412,7 @@ class Scheduler:
             run.record, status=status, result=result, error=error, error_type=error_type
         )
         progress = run.progress
-        if progress is not None and progress.armed:  # a value held back by the throttle
+        if progress is not None:  # the latest value, held back by the throttle or not
             changes["progress"], changes["progress_message"] = progress.value
         await self._write(run, **changes)
 
@@ -451,6 +460,12 @@ class Scheduler:
                         if run.reason is None or runner.uncancel() > 0:
                             raise
                         await self._settle_stopped(run)
+                        continue
+                    except Exception as exc:  # no capacity to be had (no healthy plane...)
+                        run.stage = FINISHING
+                        # It counts as an attempt, so retries stay bounded by the policy.
+                        if await self._write(run, attempts=run.record.attempts + 1):
+                            await self._failed_with(run, exc)
                         continue
                 # One attempt, inline: this loop is the throughput path.
                 run.stage = STARTING
@@ -505,13 +520,14 @@ class Scheduler:
                 if (
                     run.progress is None
                     and record.callback is None
+                    and record.error is None
                     and (
                         value is None
                         or kind is int
                         or kind is bool
                         or (kind is str and len(value) < 4096 and value.isascii())
                     )
-                ):  # the common case, inline: a plain value, no progress held back
+                ):  # the common case, inline: a plain value, nothing else to write
                     if await update(
                         record.id,
                         owner,

@@ -364,7 +364,7 @@ async def test_a_callback_that_cannot_be_sent_is_recorded_not_left_pending() -> 
     app, fw = make_app(Receiver())
     async with serve(app):
         # Bypass submission's validation, as a record made elsewhere could.
-        record, delay = fw.client._prepare(
+        record, definition, delay = fw.client._prepare(
             "cb_echo",
             [1],
             {},
@@ -375,8 +375,7 @@ async def test_a_callback_that_cannot_be_sent_is_recorded_not_left_pending() -> 
         )
         assert record.callback is not None
         record.callback.address = "gopher://127.0.0.1/x"
-        fw.client.scheduler.check_capacity()
-        fw.client.scheduler.submit(record, delay)
+        await fw.client.scheduler.submit(record, definition, delay)
         state = await delivered(fw, record.id, "failed")
     assert state.attempts == 0
     assert state.last_error is not None

@@ -171,8 +171,9 @@ async def test_dashboard_follows_tasks_live_and_cancels(browser: object, tmp_pat
         await shot.write_bytes(png)
 
         await page.close()
-        await eventually(lambda: fw.client.store.events.subscriber_count == 0)
-        for task in fw.client.store.live():
-            await fw.client.cancel_task(task.id)
+        await eventually(lambda: fw.client.events.subscriber_count == 0)
+        for task in await fw.client.store.recent(limit=500):
+            if not task.finished:
+                await fw.client.cancel_task(task.id)
     assert errors == []
     assert outside == []  # nothing was fetched from anywhere but the app

@@ -126,7 +126,7 @@ async def test_progress_from_a_sync_task_is_throttled_and_keeps_the_last_value()
     _thread_gates["sync-1"] = threading.Event()
     async with serve(app) as http:
         task_id = await live_sync_progress.delay("sync-1", 20_000)
-        record = fw.client.store.get(task_id)
+        record = fw.client.store.peek(task_id)
         assert record is not None
 
         async def in_thread() -> bool:
@@ -135,7 +135,7 @@ async def test_progress_from_a_sync_task_is_throttled_and_keeps_the_last_value()
 
         await eventually(in_thread, message="progress from the worker thread")
         published: list[float | None] = []
-        fw.client.store.events.add_listener(lambda r: published.append(r.progress))
+        fw.client.events.add_listener(lambda r: published.append(r.progress))
         started = time.monotonic()
         _thread_gates["sync-1"].set()
         await fw.client.wait(task_id, timeout=20)
@@ -152,10 +152,10 @@ async def test_a_held_back_value_is_published_without_further_reports() -> None:
     gate = _gate("trail-1")
     async with serve(app):
         seen: list[tuple[float | None, str | None]] = []
-        fw.client.store.events.add_listener(lambda r: seen.append((r.progress, r.progress_message)))
+        fw.client.events.add_listener(lambda r: seen.append((r.progress, r.progress_message)))
         task_id = await live_trailing.delay("trail-1")
         await eventually(lambda: (0.2, "second") in seen, message="trailing value published")
-        record = fw.client.store.get(task_id)
+        record = fw.client.store.peek(task_id)
         assert record is not None
         assert record.status is TaskStatus.RUNNING  # published while the task still waits
         assert (0.1, "first") in seen
@@ -181,7 +181,7 @@ async def test_long_messages_are_cut_and_late_or_foreign_reports_are_harmless() 
     gate = _gate("msg-1")
     async with serve(app):
         task_id = await live_wait.delay("msg-1")
-        record = await eventually(lambda: fw.client.store.get(task_id))
+        record = await eventually(lambda: fw.client.store.peek(task_id))
         await eventually(lambda: record.status is TaskStatus.RUNNING)
         publisher_context: contextvars.Context | None = None
 
@@ -194,7 +194,7 @@ async def test_long_messages_are_cut_and_late_or_foreign_reports_are_harmless() 
 
         capture_id = await live_capture_context.delay()
         await fw.client.wait(capture_id, timeout=10)
-        captured = fw.client.store.get(capture_id)
+        captured = fw.client.store.peek(capture_id)
         assert captured is not None
         assert captured.progress_message is not None
         assert len(captured.progress_message) == MAX_MESSAGE_LENGTH
@@ -265,7 +265,7 @@ async def test_one_task_stream_follows_retries_in_order_and_closes_after_success
             ("success", 3),
         ]
         assert heartbeats >= 1
-        await eventually(lambda: fw.client.store.events.subscriber_count == 0)
+        await eventually(lambda: fw.client.events.subscriber_count == 0)
 
 
 async def test_stream_of_a_finished_task_sends_its_state_and_closes() -> None:
@@ -278,7 +278,7 @@ async def test_stream_of_a_finished_task_sends_its_state_and_closes() -> None:
         events = [block for block in response.text.split("\n\n") if block.startswith("event:")]
         assert len(events) == 1
         assert json.loads(events[0].split("data: ", 1)[1])["result"] == 7
-        assert fw.client.store.events.subscriber_count == 0
+        assert fw.client.events.subscriber_count == 0
 
 
 async def test_unknown_and_malformed_ids_are_refused() -> None:
@@ -293,7 +293,7 @@ async def test_unknown_and_malformed_ids_are_refused() -> None:
 async def test_all_tasks_stream_filters_and_disconnect_releases_the_subscription() -> None:
     app, fw = make_app()
     async with live_server(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
-        hub = fw.client.store.events
+        hub = fw.client.events
         statuses: list[str] = []
         async with http.stream("GET", "/tasks/events", params={"name": "live_quick"}) as response:
             assert response.status_code == 200
@@ -339,8 +339,8 @@ async def test_disconnect_from_a_running_tasks_stream_releases_it() -> None:
             async for event, _ in sse_events(response):
                 if event == "task":
                     break
-            assert fw.client.store.events.subscriber_count == 1
-        await eventually(lambda: fw.client.store.events.subscriber_count == 0)
+            assert fw.client.events.subscriber_count == 1
+        await eventually(lambda: fw.client.events.subscriber_count == 0)
         gate.set()
         await fw.client.wait(task_id, timeout=10)
 
@@ -404,7 +404,7 @@ async def test_every_live_route_is_behind_the_route_dependencies() -> None:
             assert refused.json() == {"detail": "missing or wrong token"}
             async with http.stream("GET", path, headers=good) as response:
                 assert response.status_code == 200, path
-        await eventually(lambda: fw.client.store.events.subscriber_count == 0)
+        await eventually(lambda: fw.client.events.subscriber_count == 0)
 
 
 async def test_dashboard_is_one_self_contained_page_and_can_be_turned_off() -> None:

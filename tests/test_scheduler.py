@@ -158,7 +158,7 @@ async def test_retries_with_backoff_then_success() -> None:
     app, fw = make()
     seen: list[TaskStatus] = []
     async with serve(app):
-        fw.client.store.events.add_listener(lambda record: seen.append(record.status))
+        fw.client.events.add_listener(lambda record: seen.append(record.status))
         result = await fw.client.submit_task("sched_flaky", args=("retry-ok", 2))
         info = await fw.client.get_info(result.task_id)
     assert result.status is TaskStatus.SUCCESS and result.result == 3
