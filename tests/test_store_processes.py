@@ -216,7 +216,8 @@ async def test_graceful_shutdown_keeps_queued_tasks_for_the_next_start(tmp: Path
             ).json()["tasks"]
             await eventually(lambda: len(runs(tmp)) >= 1, timeout=20)
             await first.stop()
-            assert first.process.returncode == 0
+            # uvicorn re-raises SIGTERM once its graceful shutdown is done.
+            assert first.process.returncode in (0, -signal.SIGTERM)
         ran_before = runs(tmp)
         assert len(ran_before) < 6
         async with running(tmp) as second:

@@ -71,7 +71,7 @@ from fastworker_fastapi.records import (
     dumps,
     utcnow,
 )
-from fastworker_fastapi.stores.base import released_changes
+from fastworker_fastapi.stores.base import cancelled_changes, released_changes
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -491,14 +491,6 @@ class SQLiteStore:
         return None if row is None else _decode(row[0])
 
     async def request_cancel(self, task_id: str) -> TaskRecord:
-        cancel_sql, cancel_params = self._prepare(
-            {
-                "status": TaskStatus.CANCELLED,
-                "error_type": "TaskCancelled",
-                "error": "TaskCancelled: cancelled by request",
-                "completed_at": utcnow(),
-            }
-        )
         flag_sql, flag_params = self._prepare({"cancel_requested": True})
 
         def op(conn: sqlite3.Connection, seq: int) -> tuple[TaskRecord, Sequence[Any]]:
@@ -510,14 +502,10 @@ class SQLiteStore:
                 raise TaskAlreadyFinishedError(
                     f"task {task_id} already finished with status {record.status.value!r}"
                 )
-            sql, params = (
-                (cancel_sql, cancel_params)
-                if record.owner is None
-                else (
-                    flag_sql,
-                    flag_params,
-                )
-            )
+            if record.owner is None:  # nobody runs it: cancelled here and now
+                sql, params = self._prepare(cancelled_changes(record))
+            else:  # its owner acts on the flag
+                sql, params = flag_sql, flag_params
             updated = self._cas(conn, seq, sql, params, task_id, record.owner, record.attempts)
             assert updated is not None  # read and write in one transaction: cannot fail
             return updated, (updated,)
@@ -750,7 +738,7 @@ class SQLiteStore:
                 if writer != owner:
                     record = _decode_or_none(data)
                     if record is not None:
-                        publish(record)
+                        publish(record, remote=True)
             self._last_seq = last_seq
             if len(rows) < _FEED_PAGE:
                 return
