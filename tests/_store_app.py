@@ -39,9 +39,10 @@ def sp_work(task_id: str, seconds: float) -> int:
 
 
 @background_task(name="sp_hold")
-async def sp_hold(gate: str) -> str:
+def sp_hold(gate: str) -> str:
+    """Hold until the test creates the gate file (a poll: files have no wake-up)."""
     while not (GATES / gate).exists():
-        await anyio.sleep(0.02)
+        time.sleep(0.02)
     return gate
 
 
@@ -84,8 +85,7 @@ async def hold(gate: str, callback: str | None = None) -> dict[str, Any]:
 async def done(callback: TaskCallback) -> None:
     if (GATES / "refuse-callbacks").exists():
         raise RuntimeError("receiver not ready")  # a 500: the delivery is retried
-    with RECEIVED.open("a") as log:
-        log.write(f"{callback.task_id} {callback.status.value}\n")
+    await anyio.Path(RECEIVED).write_text(f"{callback.task_id} {callback.status.value}\n")
 
 
 @app.get("/pid")

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -80,9 +80,9 @@ class App:
 
 
 @pytest.fixture
-def tmp(tmp_path: Path) -> Iterator[Path]:
+def tmp(tmp_path: Path) -> Path:
     (tmp_path / "gates").mkdir()
-    yield tmp_path
+    return tmp_path
 
 
 @asynccontextmanager

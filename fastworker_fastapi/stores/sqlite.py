@@ -69,7 +69,6 @@ from fastworker_fastapi.records import (
     TaskPolicy,
     TaskRecord,
     dumps,
-    utcnow,
 )
 from fastworker_fastapi.stores.base import cancelled_changes, released_changes
 
