@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: bootstrap run run-remote test lint typecheck docs bench clean
+.PHONY: bootstrap run run-remote test lint typecheck docs bench bench-peers clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -32,5 +32,8 @@ test: lint typecheck docs
 bench: bootstrap
 	$(BIN)/python -m bench
 
+bench-peers: bootstrap
+	scripts/bench_peers.sh
+
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	rm -rf $(VENV) .venv-peers site .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

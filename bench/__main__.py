@@ -131,7 +131,16 @@ def write_doc(
         "",
         *extra,
     ]
-    with open(os.path.join(DOC, "benchmarks.md"), "w") as f:
+    path = os.path.join(DOC, "benchmarks.md")
+    # Keep the section `make bench-peers` wrote (it needs a Redis server and its own venvs).
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    start, end = "<!-- bench-peers:start -->", "<!-- bench-peers:end -->"
+    if start in old and end in old:
+        lines += ["", old[old.index(start) : old.index(end) + len(end)]]
+    with open(path, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
 
 

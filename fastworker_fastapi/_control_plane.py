@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -59,6 +60,15 @@ PRIORITIES: Final[Mapping[str, int]] = {"critical": 0, "high": 1, "normal": 2, "
 _RESULT_PORT_OFFSET: Final = 4
 _PORT_SPAN: Final = 5
 _PROBE_TASK_ID: Final = "__fastworker_fastapi_probe__"
+_PLANE_MAIN: Final = Path(__file__).with_name("_plane_main.py")
+_FORWARDED: Final = {
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+
+plane_logger = logging.getLogger("fastworker_fastapi.plane")
+"""Where the warnings and errors of spawned control planes go."""
 
 
 class ControlPlaneError(ConnectionError):
@@ -268,8 +278,13 @@ class ControlPlaneConnection:
         payload: Mapping[str, Any],
         *,
         timeout: float,
+        reply_timeout: float | None = None,
     ) -> Any:
-        """One request/reply on one port within ``timeout`` seconds; returns the decoded JSON."""
+        """One request/reply on one port; returns the decoded JSON.
+
+        The request must be sent within ``timeout`` seconds and the reply must arrive within
+        ``reply_timeout`` (default: the same ``timeout``), both counted from now.
+        """
         if self._closed:
             raise ControlPlaneError(f"connection to {self._base_address} is closed")
         try:
@@ -277,7 +292,9 @@ class ControlPlaneConnection:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"request is not JSON-serialisable: {exc}") from exc
         address = self._address(offset)
-        deadline = asyncio.get_running_loop().time() + timeout
+        now = asyncio.get_running_loop().time()
+        deadline = now + timeout
+        reply_deadline = now + (timeout if reply_timeout is None else reply_timeout)
         sent = False
         try:
             async with asyncio.timeout_at(deadline):
@@ -287,7 +304,7 @@ class ControlPlaneConnection:
                 try:
                     await _until(deadline, ctx.asend(data))
                     sent = True
-                    reply = await _until(deadline, ctx.arecv())
+                    reply = await _until(reply_deadline, ctx.arecv())
                 finally:
                     with contextlib.suppress(pynng.NNGException):
                         ctx.close()
@@ -296,8 +313,9 @@ class ControlPlaneConnection:
         except TimeoutError as exc:
             connected = offset in self._sockets and bool(self._sockets[offset].pipes)
             why = "no reply" if connected else "no connection (is the control plane running?)"
+            waited = reply_deadline - now if sent else timeout
             raise ControlPlaneTimeoutError(
-                f"{why} from {address} within {timeout}s", request_sent=sent
+                f"{why} from {address} within {waited:g}s", request_sent=sent
             ) from exc
         except pynng.NNGException as exc:
             raise ControlPlaneError(f"request to {address} failed: {exc}") from exc
@@ -331,6 +349,30 @@ class ControlPlaneConnection:
         await self._request(
             offset, {"action": "batch_submit", "tasks": list(tasks)}, timeout=timeout
         )
+
+    async def submit_task(
+        self,
+        task: Mapping[str, Any],
+        *,
+        port: int,
+        timeout: float,
+        reply_timeout: float,
+    ) -> dict[str, Any]:
+        """Send one task on task port ``port`` (0-3) and return the ``TaskResult`` dict it gets.
+
+        Correct only while this is the *one* request in flight on that port of that control
+        plane, from any process: the plane answers whichever request it received last. So use
+        it only on a plane nobody else submits to (one this process spawned), one request per
+        port at a time, and check the reply's ``task_id``. The reply comes when the task has
+        finished; ``reply_timeout`` bounds that wait. Not resent on a timeout.
+        """
+        if port not in PRIORITIES.values():
+            raise ValueError(f"task ports are 0-3 from the base port, not {port!r}")
+        _check_task_dict(task)
+        reply = await self._request(port, task, timeout=timeout, reply_timeout=reply_timeout)
+        if not isinstance(reply, dict) or not isinstance(reply.get("task_id"), str):
+            raise ControlPlaneProtocolError(f"unexpected task reply: {reply!r:.200}")
+        return reply
 
     async def get_result(
         self,
@@ -423,6 +465,7 @@ class ControlPlaneProcess:
         executable: str | None = None,
         env: Mapping[str, str] | None = None,
         log_lines: int = 200,
+        quiet: bool = True,
     ) -> None:
         if not task_modules:
             raise ValueError("a control plane needs at least one task module")
@@ -433,6 +476,10 @@ class ControlPlaneProcess:
         self._concurrency = concurrency
         self._executable = executable
         self._env = dict(env) if env is not None else None
+        self._quiet = quiet
+        self._forward_level = 0  # the level of the plane's last log record, for its tracebacks
+        self._last_line = ""
+        self._stopping = False  # after SIGTERM the 0.3.0 plane spins logging "Object closed"
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._log_changed = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
@@ -472,8 +519,14 @@ class ControlPlaneProcess:
 
     def _command(self) -> list[str]:
         ports = self.ports
+        if self._executable is not None:
+            launcher = [self._executable, *(["--log-level", "WARNING"] if self._quiet else [])]
+        elif self._quiet:
+            launcher = [sys.executable, str(_PLANE_MAIN)]
+        else:
+            launcher = [find_fastworker_executable()]
         command = [
-            self._executable or find_fastworker_executable(),
+            *launcher,
             "control-plane",
             "--task-modules",
             *self._task_modules,
@@ -575,16 +628,42 @@ class ControlPlaneProcess:
         assert proc.stdout is not None
         try:
             while line := await proc.stdout.readline():
-                self._log.append(line.decode(errors="replace").rstrip())
+                text = line.decode(errors="replace").rstrip()
+                self._log.append(text)
                 self._log_changed.set()
+                self._forward(text)
         finally:
             self._log_changed.set()
+
+    def _forward(self, line: str) -> None:
+        # A quiet plane prints only warnings and errors (rate-limited at the source, see
+        # `_plane_main`) as `LEVEL name: message`, a traceback's lines after its record, and a
+        # few plain lines at start (`Loaded tasks from ...`), which stay in the tail only.
+        first, _, _ = line.partition(" ")
+        last_of_record = False
+        if first in _FORWARDED:
+            self._forward_level = _FORWARDED[first]
+        elif line.startswith((" ", "Traceback", "During handling", "The above exception")):
+            pass  # inside the traceback of the last record
+        elif self._forward_level and self._last_line.startswith(" "):
+            last_of_record = True  # the exception line that ends a traceback
+        else:
+            self._forward_level = 0
+        self._last_line = line
+        if self._forward_level and not self._stopping:
+            plane_logger.log(self._forward_level, "control plane %s: %s", self._where(), line)
+            if last_of_record:
+                self._forward_level = 0
+
+    def _where(self) -> str:
+        return "?" if self._ports is None else self.base_address
 
     async def stop(self, *, grace: float = 3.0) -> None:
         """SIGTERM the process group, SIGKILL it after ``grace`` seconds, reap it. Idempotent."""
         proc = self._proc
         if proc is None:
             return
+        self._stopping = True
         if proc.returncode is None:
             _signal_group(proc.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):

@@ -157,6 +157,9 @@ class Pair0Listener:
         if self._closing:
             writer.transport.abort()
             return
+        # Answer the handshake now, in the loop turn that accepted the connection: a control
+        # plane dials its callback synchronously, so its whole event loop waits for these bytes.
+        writer.write(PAIR0_HEADER)
         task = asyncio.create_task(self._serve(reader, writer))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
@@ -164,7 +167,6 @@ class Pair0Listener:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            writer.write(PAIR0_HEADER)
             try:
                 async with asyncio.timeout(self._handshake_timeout):
                     header = await reader.readexactly(len(PAIR0_HEADER))

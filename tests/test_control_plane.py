@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from fastworker_fastapi._control_plane import (
     make_task_dict,
 )
 from fastworker_fastapi._nng import Pair0Listener, format_tcp_address
-from tests.conftest import group_is_gone, stop_for_sure
+from tests.conftest import eventually, group_is_gone, stop_for_sure
 
 pytestmark = pytest.mark.remote
 
@@ -150,6 +151,31 @@ async def test_batch_with_callbacks_reports_results_and_errors(
         assert stored is not None
         assert stored["task_id"] == "add"
         assert await connection.get_result("never-submitted", timeout=DEADLINE) is None
+
+
+async def test_a_spawned_plane_is_quiet_but_its_real_errors_reach_our_log(
+    control_plane: ControlPlaneProcess,
+    callbacks: tuple[Callbacks, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Per-task INFO lines and the per-task "Incorrect state" reply failure of a batch are not
+    printed at all; a task's own failure (an ERROR of the plane) is forwarded to our logger."""
+    caplog.set_level(logging.WARNING, logger="fastworker_fastapi.plane")
+    inbox, address = callbacks
+    async with ControlPlaneConnection(control_plane.base_address) as connection:
+        tasks = [
+            make_task_dict("add", [n, 1], task_id=f"add-{n}", callback_address=address)
+            for n in range(20)
+        ]
+        tasks.append(make_task_dict("boom", ["loud"], task_id="boom", callback_address=address))
+        await connection.submit_batch(tasks, priority="normal", timeout=DEADLINE)
+        await inbox.wait_for(21)
+        await eventually(lambda: "loud" in caplog.text, message="the task's error forwarded")
+    tail = control_plane.log_tail()
+    assert "Incorrect state" not in tail
+    assert "add-3" not in tail  # no per-task INFO line
+    assert "Task boom failed: loud" in tail
+    assert all(r.name == "fastworker_fastapi.plane" for r in caplog.records)
 
 
 async def test_two_connections_at_once_run_every_task_exactly_once(
@@ -395,3 +421,49 @@ async def test_malformed_replies_raise_protocol_errors(reply: bytes, match: str)
                 await serving
             finally:
                 serving.cancel()
+
+
+def test_the_quiet_filter_drops_the_batch_artefact_and_rate_limits_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fastworker_fastapi import _plane_main
+
+    now = [100.0]
+    monkeypatch.setattr(_plane_main.time, "monotonic", lambda: now[0])
+    quiet = _plane_main._QuietFilter()
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("fw", logging.ERROR, __file__, 1, msg, None, None)
+
+    assert not quiet.filter(record("Error processing task t1: Incorrect state"))
+    passed = [quiet.filter(record(f"Task t{n} failed: x")) for n in range(25)]
+    assert passed == [True] * 10 + [False] * 15
+    now[0] += 1.5
+    late = record("Task t99 failed: x")
+    assert quiet.filter(late)
+    assert late.getMessage() == "Task t99 failed: x (15 similar messages suppressed)"
+
+
+async def test_plane_output_is_forwarded_with_its_tracebacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="fastworker_fastapi.plane")
+    process = ControlPlaneProcess(["m"])
+    for line in [
+        "Loaded tasks from m",
+        "WARNING fastworker.x: careful",
+        "ERROR fastworker.x: broke",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "ValueError: broke",
+        "Starting control plane worker control-plane",
+    ]:
+        process._forward(line)
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "WARNING fastworker.x: careful",
+        "ERROR fastworker.x: broke",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "ValueError: broke",
+    ]
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] + [logging.ERROR] * 4

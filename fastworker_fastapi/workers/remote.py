@@ -68,6 +68,8 @@ _LEVELS: Final = PRIORITY_LEVELS
 _BY_LEVEL: Final = sorted(_LEVELS, key=_LEVELS.__getitem__)
 _NOT_FOUND = re.compile(r"Task (?P<name>.+) not found")
 _ANNOUNCE = "WORKER_ANNOUNCE:"
+_MAX_LANES: Final = 3  # task ports 0-2; port 3 takes the batches that overflow the lanes
+_LANE_PATIENCE: Final = 0.05  # s every lane must have been busy before tasks overflow to a batch
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,8 +89,11 @@ class RemoteWorkers:
     plane, at most `max_batch` per request; `call_timeout` bounds every request,
     `task_deadline` bounds tasks without a timeout of their own (a lost callback ends as a
     failure instead of hanging), `unavailable_timeout` is how long a task waits while no plane
-    is healthy. Callbacks arrive on a listener bound to `callback_host:callback_port`; set
-    `callback_address` when planes must reach it under another name (NAT, other machines).
+    is healthy. `lanes` (0-3) is how many task ports of each *spawned* plane carry one task at
+    a time with its result in the reply (no callback; see docs/remote.md); 0 sends every task
+    in batches with callbacks, as for planes other processes may share. Callbacks arrive on a
+    listener bound to `callback_host:callback_port`; set `callback_address` when planes must
+    reach it under another name (NAT, other machines).
     `task_names` declares tasks that exist only on the remote machines.
     """
 
@@ -101,6 +106,7 @@ class RemoteWorkers:
     concurrency: int = 64
     max_in_flight: int = 32
     max_batch: int = 256
+    lanes: int = 3
     call_timeout: float = 10.0
     task_deadline: float = 300.0
     unavailable_timeout: float = 30.0
@@ -137,6 +143,8 @@ class RemoteWorkers:
         for name in ("spawn", "callback_port"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.lanes <= _MAX_LANES:
+            raise ConfigurationError(f"lanes must be 0 to {_MAX_LANES}, got {self.lanes}")
         for name in ("concurrency", "max_in_flight", "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -192,6 +200,9 @@ class _Plane:
     outbox: list[list[_Waiter]] = field(default_factory=lambda: [[] for _ in _LEVELS])
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     reserved: int = 0  # slots acquired by the scheduler, not dispatched yet
+    lanes: int = 0  # task ports used one task at a time (spawned planes only: nobody else sends)
+    free_lanes: list[int] = field(default_factory=list)
+    lane_started: dict[int, float] = field(default_factory=dict)  # busy lane -> since when
 
     @property
     def load(self) -> int:
@@ -488,6 +499,9 @@ class RemoteExecutor:
         except (ValueError, TypeError, KeyError):
             logger.warning("ignoring a callback that is not a FastWorker result: %.200r", message)
             return
+        self._settle(wire_id, data)
+
+    def _settle(self, wire_id: object, data: dict[str, Any]) -> None:
         waiter = self._waiters.get(wire_id) if isinstance(wire_id, str) else None
         if waiter is None or waiter.future.done():
             self.late_callbacks += 1
@@ -553,9 +567,80 @@ class RemoteExecutor:
             while not plane.gone and any(plane.outbox):
                 level = next(n for n, queue in enumerate(plane.outbox) if queue)
                 queue = plane.outbox[level]
+                if plane.free_lanes and self._task_group is not None:
+                    waiter = queue.pop(0)
+                    waiter.state = "sent"  # maybe not yet: `_lane` puts it back if it never left
+                    port = plane.free_lanes.pop()
+                    plane.lane_started[port] = asyncio.get_running_loop().time()
+                    self._task_group.start_soon(self._lane, plane, port, waiter)
+                    continue
+                if plane.lanes and not self._lanes_stuck(plane):
+                    break  # a lane frees soon (or the patience runs out: see below)
                 batch = queue[: self._settings.max_batch]
                 del queue[: self._settings.max_batch]
                 await self._send(plane, level, batch)
+            if plane.lanes and any(plane.outbox) and not plane.wake.is_set():
+                # Every lane is busy: wait for one, or overflow to a batch once all of them have
+                # been busy for the patience (long tasks must not hold the rest back).
+                with anyio.move_on_after(_LANE_PATIENCE):
+                    await plane.wake.wait()
+                plane.wake.set()
+
+    def _lanes_stuck(self, plane: _Plane) -> bool:
+        now = asyncio.get_running_loop().time()
+        youngest = max(plane.lane_started.values(), default=now)
+        return now - youngest >= _LANE_PATIENCE
+
+    async def _lane(self, plane: _Plane, port: int, waiter: _Waiter) -> None:
+        """One task on one lane: sent alone, its result is the reply (no callback)."""
+        s = self._settings
+        retire = False
+        try:
+            reply = await plane.connection.submit_task(
+                {**waiter.task, "callback": None},
+                port=port,
+                timeout=s.call_timeout,
+                reply_timeout=s.task_deadline + s.call_timeout,
+            )
+        except ControlPlaneTimeoutError as exc:
+            if not exc.request_sent:
+                waiter.state = "queued"
+                _fail(waiter, _Resubmit())
+            else:  # the lane's reply may still come and would answer the next request
+                retire = True
+                _fail(waiter, TaskFailed("WorkerLost", f"control plane {plane.address}: {exc}"))
+        except ValueError as exc:
+            _fail(waiter, TaskFailed("InvalidTask", str(exc)))
+        except ControlPlaneError as exc:
+            self._mark_down(plane, f"failed a task request: {exc}")
+        else:
+            if reply["task_id"] == waiter.wire_id:
+                self._settle(waiter.wire_id, reply)
+            else:
+                retire = True
+                plane.lanes = 0  # someone else submits to this plane: lanes are not safe there
+                logger.warning(
+                    "control plane %s answered %s with the result of %r: another client uses "
+                    "it, so it gets batches only from now on",
+                    plane.address,
+                    waiter.wire_id,
+                    reply["task_id"],
+                )
+                _fail(
+                    waiter,
+                    TaskFailed(
+                        "WorkerLost", f"control plane {plane.address} sent another task's result"
+                    ),
+                )
+        finally:
+            plane.lane_started.pop(port, None)
+            if retire:
+                plane.lanes = max(0, plane.lanes - 1) if plane.lanes else 0
+            elif plane.lanes:
+                plane.free_lanes.append(port)
+            if not plane.lanes:
+                plane.free_lanes.clear()
+            plane.wake.set()
 
     async def _send(self, plane: _Plane, level: int, batch: list[_Waiter]) -> None:
         for waiter in batch:
@@ -563,7 +648,8 @@ class RemoteExecutor:
         try:
             await plane.connection.submit_batch(
                 [w.task for w in batch],
-                priority=_BY_LEVEL[level].value,
+                # A plane with lanes takes batches on its low port only (the lanes use 0-2).
+                priority="low" if plane.lanes or plane.lane_started else _BY_LEVEL[level].value,
                 timeout=self._settings.call_timeout,
             )
         except ControlPlaneTimeoutError as exc:
@@ -668,7 +754,9 @@ class RemoteExecutor:
                 f"{len(failures)} of {count} spawned control plane(s) did not start: {failures[0]}"
             ) from failures[0]
         for process in self._processes:
-            self._add_plane(process.base_address, "spawned", process)
+            plane = self._add_plane(process.base_address, "spawned", process)
+            plane.lanes = s.lanes
+            plane.free_lanes = list(range(s.lanes))
 
     def _task_modules(self) -> list[str]:
         if self._settings.task_modules is not None:
