@@ -125,6 +125,20 @@ class TaskClient:
 
     # -- FastWorker's API -----------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Nothing to do: the app's lifespan starts the extension, and with it this client.
+
+        fastworker's `Client` must be started by hand (`await client.start()`); code that
+        does so runs unchanged here, at any point of the app's life.
+        """
+
+    def stop(self) -> None:
+        """Nothing to do: the app's lifespan drains the workers and stops this client.
+
+        fastworker's `Client` must be stopped by hand (`client.stop()`); here stopping is the
+        lifespan's job, so running tasks are never cut short by a stray call.
+        """
+
     async def submit_task(
         self,
         task_name: str,

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastworker_fastapi import _context
+from fastworker_fastapi._dropin import ClientMethods, check_client_kwargs
 from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.dashboard import add_dashboard_route
@@ -57,7 +58,7 @@ logger = logging.getLogger("fastworker_fastapi")
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
 
-class FastWorker:
+class FastWorker(ClientMethods):
     """Background tasks for one app, started and drained by the app's lifespan.
 
     `FastWorker(app)` attaches at once; `fw = FastWorker(...)` then `fw.init_app(app)` suits
@@ -75,7 +76,15 @@ class FastWorker:
       retries, concurrency).
     - `dashboard`: serve the monitoring page at `{prefix}/dashboard` (on by default);
     - `event_heartbeat`: seconds between heartbeats on idle event streams;
-    - `event_buffer`: changes buffered per event stream before a slow client is dropped.
+    - `event_buffer`: changes buffered per event stream before a slow client is dropped;
+    - `client_kwargs`: accepted for code written for fastworker's own FastAPI glue
+      (`discovery_address`, `serialization_format`, `timeout`, `retries`); none applies
+      in-process, so they are only checked and kept as `fw.client_kwargs`.
+
+    Like fastworker's glue, it also offers `fw.delay(...)`, `fw.submit_task(...)`,
+    `fw.delay_with_callback(...)`, `fw.submit_batch(...)`, `fw.get_task_result(...)`,
+    `fw.get_result(...)`, `fw.get_status(...)`, `fw.cancel_task(...)` (each the same as on
+    `fw.client`) and `fw.worker_count`.
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class FastWorker:
         dashboard: bool = True,
         event_heartbeat: float = 15.0,
         event_buffer: int = 256,
+        client_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         _require(result_ttl > 0 and math.isfinite(result_ttl), "result_ttl must be > 0")
         _require(max_results >= 1, "max_results must be >= 1")
@@ -124,6 +134,7 @@ class FastWorker:
         self.dashboard = dashboard
         self.event_heartbeat = event_heartbeat
         self.event_buffer = event_buffer
+        self.client_kwargs = check_client_kwargs(client_kwargs)
         self.client = TaskClient()
         self.callbacks = CallbackDispatcher(
             callbacks if callbacks is not None else CallbackSettings()
@@ -199,7 +210,7 @@ class FastWorker:
                 self.callbacks.start(task_group, store, self.app)
                 self.client._bind(scheduler, store, self.callbacks.validate_address)
                 _context.mark_running(self.client)
-                logger.info("FastWorker started (%s)", type(self.workers).__name__)
+                logger.info("FastWorker started: %s", self._describe(executor.concurrency))
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
@@ -211,6 +222,14 @@ class FastWorker:
                     events.close()
                 task_group.cancel_scope.cancel()
                 logger.info("FastWorker stopped")
+
+    def _describe(self, concurrency: int) -> str:
+        """The start-up log line: mode, workers, store and routes."""
+        mode = "in-process" if isinstance(self.workers, InProcessWorkers) else "remote"
+        routes = "none" if self.prefix is None else self.prefix
+        if self.prefix is not None and self.dashboard:
+            routes += f" (dashboard {self.prefix}/dashboard)"
+        return f"mode={mode} workers={concurrency} store=memory routes={routes}"
 
 
 class _BindClientMiddleware:

@@ -1,8 +1,10 @@
 """The status routes mounted under the extension's prefix (default `/tasks`).
 
 Each extension builds its own router bound to its own client, so two apps never share state.
-Fixed paths (`/tasks/events`, `/tasks/dashboard`, ...) must be added before
-`/tasks/{task_id}`, or the id route would claim them and answer 422.
+Fixed paths (`/tasks/events`, `/tasks/dashboard`, ...) are added before the id routes,
+and the id routes match only UUIDs (`{task_id:uuid}`), so `DELETE /tasks/events` is a 405
+and `/tasks/not-an-id` a 404. Routes the app declares itself for the same path and method
+take precedence over these (see `_yielding`).
 """
 
 from collections.abc import Sequence
@@ -14,6 +16,7 @@ from fastapi.params import Depends as DependsParam
 from fastworker.tasks.models import TaskStatus
 from pydantic import BaseModel
 
+from fastworker_fastapi._yielding import yielding_route_class
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
 from fastworker_fastapi.models import TaskInfo, TaskList
@@ -49,7 +52,13 @@ def build_router(
         return extension.client
 
     Client = Annotated[TaskClient, Depends(client)]
-    router = APIRouter(prefix=prefix, dependencies=list(dependencies), tags=list(extension.tags))
+    assert extension.app is not None
+    router = APIRouter(
+        prefix=prefix,
+        dependencies=list(dependencies),
+        tags=list(extension.tags),
+        route_class=yielding_route_class(extension.app.router),
+    )
 
     @router.get(
         "",
@@ -70,7 +79,7 @@ def build_router(
     extension._add_fixed_routes(router)
 
     @router.get(
-        "/{task_id}",
+        "/{task_id:uuid}",
         response_model=TaskInfo,
         summary="Get a task's status",
         responses=_ERRORS,
@@ -83,7 +92,7 @@ def build_router(
         return info
 
     @router.delete(
-        "/{task_id}",
+        "/{task_id:uuid}",
         response_model=TaskInfo,
         summary="Cancel a task",
         responses={

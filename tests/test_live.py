@@ -287,7 +287,7 @@ async def test_unknown_and_malformed_ids_are_refused() -> None:
         missing = await http.get("/tasks/00000000-0000-0000-0000-000000000000/events")
         assert missing.status_code == 404
         assert "unknown or expired" in missing.json()["detail"]
-        assert (await http.get("/tasks/not-a-uuid/events")).status_code == 422
+        assert (await http.get("/tasks/not-a-uuid/events")).status_code == 404
 
 
 async def test_all_tasks_stream_filters_and_disconnect_releases_the_subscription() -> None:
