@@ -32,7 +32,6 @@ from starlette.types import Receive, Scope, Send
 
 from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
 from fastworker_fastapi.models import TaskInfo
-from fastworker_fastapi.routes import ErrorDetail
 from fastworker_fastapi.store import FINAL_STATUSES
 
 if TYPE_CHECKING:
@@ -69,6 +68,9 @@ _EVENT_SCHEMA: dict[str, Any] = {
         "retry": {"type": "integer", "description": "Reconnection delay in milliseconds."},
     },
 }
+# Errors are JSON, not events: spelled out, since a `model` would be documented under the
+# route's own media type (text/event-stream).
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDetail"}}}
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {
@@ -80,7 +82,7 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
         "description": "`event: task` with a `TaskInfo` as JSON per change; comment "
         "heartbeats; `event: overflow` before closing when the client read too slowly.",
     },
-    503: {"model": ErrorDetail, "description": "The extension is not running."},
+    503: {"content": _JSON_ERROR, "description": "The extension is not running."},
 }
 
 
@@ -203,7 +205,7 @@ def add_event_routes(router: APIRouter, extension: FastWorker) -> None:
         response_class=EventStreamResponse,
         responses={
             **_STREAM_DOC,
-            404: {"model": ErrorDetail, "description": "Unknown or expired task id."},
+            404: {"content": _JSON_ERROR, "description": "Unknown or expired task id."},
         },
     )
     async def one_task_events(
