@@ -210,7 +210,7 @@ class FastWorker(ClientMethods):
                 self.callbacks.start(task_group, store, self.app)
                 self.client._bind(scheduler, store, self.callbacks.validate_address)
                 _context.mark_running(self.client)
-                logger.info("FastWorker started: %s", self._describe(executor.concurrency))
+                _announce("FastWorker started: %s", self._describe(executor.concurrency))
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
@@ -221,7 +221,7 @@ class FastWorker(ClientMethods):
                     await executor.aclose()
                     events.close()
                 task_group.cancel_scope.cancel()
-                logger.info("FastWorker stopped")
+                _announce("FastWorker stopped")
 
     def _describe(self, concurrency: int) -> str:
         """The start-up log line: mode, workers, store and routes."""
@@ -254,6 +254,17 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, FastWorkerError)
     headers = {"Retry-After": "1"} if exc.status_code == 503 else None
     return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+
+
+def _announce(message: str, *args: Any) -> None:
+    """Log at INFO on our logger; when logging is not set up (no handler would print it)
+    but uvicorn's is, on uvicorn's, so that the server log says the workers started."""
+    target = logger
+    if not logger.hasHandlers():
+        server = logging.getLogger("uvicorn.error")
+        if server.hasHandlers():
+            target = server
+    target.info(message, *args)
 
 
 def _require(condition: bool, message: str) -> None:
