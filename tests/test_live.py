@@ -427,7 +427,7 @@ async def test_dashboard_is_one_self_contained_page_and_can_be_turned_off() -> N
 
     off, _ = make_app(dashboard=False)
     async with serve(off) as http:
-        assert (await http.get("/tasks/dashboard")).status_code == 422  # just a bad task id
+        assert (await http.get("/tasks/dashboard")).status_code == 404  # not an id either
 
 
 def test_invalid_live_options_are_refused() -> None:
