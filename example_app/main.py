@@ -56,11 +56,31 @@ USERS: OrderedDict[int, User] = OrderedDict()
 MAX_USERS = 1000
 
 
+class Problem(BaseModel):
+    """What an error answer carries (FastAPI's `HTTPException` and this package's errors)."""
+
+    detail: str
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route declares in the OpenAPI schema, besides FastAPI's 422."""
+    described = {
+        400: "The body is not valid JSON.",
+        404: "Nothing with this id.",
+        500: "The task failed.",
+    }
+    return {code: {"model": Problem, "description": described[code]} for code in codes}
+
+
+# Finite and bounded: the sum of two such numbers is still a JSON number.
+Number = Annotated[float, Query(ge=-1e12, le=1e12, allow_inf_nan=False)]
+
+
 # -- 1. blocking: submit_task waits for the result ----------------------------------------
 
 
-@app.post("/math/add")
-async def add_numbers(x: float, y: float, client: TaskClientDep) -> dict[str, Any]:
+@app.post("/math/add", responses=errors(500))
+async def add_numbers(x: Number, y: Number, client: TaskClientDep) -> dict[str, Any]:
     """Blocks until the task is done: for quick tasks whose result the response needs."""
     result = await client.submit_task("add", args=(x, y), priority=TaskPriority.HIGH)
     if result.status is not TaskStatus.SUCCESS:
@@ -80,7 +100,7 @@ async def start_report(
     return {"task_id": task_id, "status_url": f"/reports/tasks/{task_id}"}
 
 
-@app.get("/reports/tasks/{task_id}")
+@app.get("/reports/tasks/{task_id}", responses=errors(404))
 async def report_status(task_id: str, client: TaskClientDep) -> TaskResult:
     """FastWorker's polling pattern: `PENDING` until the task is final."""
     result = await client.get_task_result(task_id)
@@ -129,7 +149,7 @@ async def track(name: str, client: TaskClientDep) -> None:
 # -- 5. the web-API pattern: create a user, email in the background, callback when done -
 
 
-@app.post("/users", status_code=status.HTTP_201_CREATED)
+@app.post("/users", status_code=status.HTTP_201_CREATED, responses=errors(400))
 async def create_user(body: UserIn, client: TaskClientDep) -> User:
     user_id = (next(reversed(USERS)) + 1) if USERS else 1
     task_id = await client.delay_with_callback(
@@ -146,7 +166,7 @@ async def create_user(body: UserIn, client: TaskClientDep) -> User:
     return user
 
 
-@app.get("/users/{user_id}")
+@app.get("/users/{user_id}", responses=errors(404))
 async def get_user(user_id: int) -> User:
     user = USERS.get(user_id)
     if user is None:

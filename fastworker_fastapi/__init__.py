@@ -4,7 +4,7 @@ One extension, no broker: `FastWorker(app)` starts workers with the app's lifesp
 get FastWorker's Client API by dependency injection, `@background_task` registers tasks.
 """
 
-from fastworker.tasks.models import TaskPriority, TaskResult, TaskStatus
+from fastworker.tasks.models import CallbackInfo, Task, TaskPriority, TaskResult, TaskStatus
 
 from fastworker_fastapi.callbacks import (
     CallbackSettings,
@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackgroundTask",
+    "CallbackInfo",
     "CallbackSettings",
     "CallbackSignatureError",
     "CallbackState",
@@ -57,6 +58,7 @@ __all__ = [
     "RemoteWorkers",
     "ShuttingDownError",
     "SubmissionError",
+    "Task",
     "TaskAlreadyFinishedError",
     "TaskCall",
     "TaskCallback",

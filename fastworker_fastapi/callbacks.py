@@ -104,6 +104,10 @@ class CallbackSettings:
     - `allowed_hosts`: hosts that http(s) and tcp:// callbacks may go to (exact names or IPs,
       or `*.example.com` for subdomains). Empty: none. A callback address may come from user
       input; this keeps it from reaching internal hosts.
+    - `loopback_listeners`: also allow `tcp://` callbacks to this host (`127.0.0.1`, `::1`,
+      `localhost`), where FastWorker's callback listeners usually run (as in all of
+      FastWorker's own examples). Only nng Pair0 listeners can take such a message. On by
+      default; turn it off when callback addresses come from untrusted input.
     - `max_attempts`: attempts per callback, the first included.
     - `retry_delay`, `retry_backoff`, `retry_backoff_max`: wait `retry_delay * retry_backoff **
       (n - 1)` seconds (at most `retry_backoff_max`) after the n-th failed attempt.
@@ -128,6 +132,7 @@ class CallbackSettings:
     max_queue: int = 10_000
     signature_tolerance: float = 300.0
     app_base_url: str = "http://localhost"
+    loopback_listeners: bool = True
     _hosts: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -185,6 +190,9 @@ class CallbackSettings:
             entry.startswith("*.") and host.endswith(entry[1:]) and host != entry[2:]
             for entry in self._hosts
         )
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _finite(value: float, minimum: float) -> bool:
@@ -419,7 +427,8 @@ class CallbackDispatcher:
             raise InvalidTaskOptionsError(
                 f"callback address {address!r} needs a host and must not carry credentials"
             )
-        if not self.settings.host_allowed(host):
+        loopback_ok = scheme == "tcp" and self.settings.loopback_listeners
+        if not (loopback_ok and host.lower() in _LOOPBACK) and not self.settings.host_allowed(host):
             raise InvalidTaskOptionsError(
                 f"callback host {host!r} is not allowed: add it to "
                 "CallbackSettings(allowed_hosts=...) if it is meant to receive callbacks"

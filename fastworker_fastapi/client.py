@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskResult, TaskStatus
 
+from fastworker_fastapi._arguments import check_arguments
 from fastworker_fastapi._ids import TaskIds
 from fastworker_fastapi.errors import (
     InvalidTaskArgumentsError,
@@ -135,6 +136,20 @@ class TaskClient:
 
     # -- FastWorker's API -----------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Nothing to do: the app's lifespan starts the extension, and with it this client.
+
+        fastworker's `Client` must be started by hand (`await client.start()`); code that
+        does so runs unchanged here, at any point of the app's life.
+        """
+
+    def stop(self) -> None:
+        """Nothing to do: the app's lifespan drains the workers and stops this client.
+
+        fastworker's `Client` must be stopped by hand (`client.stop()`); here stopping is the
+        lifespan's job, so running tasks are never cut short by a stray call.
+        """
+
     async def submit_task(
         self,
         task_name: str,
@@ -146,7 +161,7 @@ class TaskClient:
     ) -> TaskResult:
         """Submit a task and wait until it finishes; returns its final `TaskResult`."""
         task_id = await self._submit(
-            task_name, args, kwargs or {}, priority=priority, eta=eta, countdown=countdown
+            task_name, args, kwargs, priority=priority, eta=eta, countdown=countdown
         )
         return await self.wait(task_id)
 
@@ -198,6 +213,10 @@ class TaskClient:
         scheduler = self.scheduler
         prepared: list[tuple[TaskRecord, TaskDefinition, float]] = []
         for index, spec in enumerate(tasks):
+            if not isinstance(spec, Mapping):
+                raise InvalidTaskOptionsError(
+                    f"batch item {index}: must be a dict with 'task_name', got {spec!r}"
+                )
             unknown = set(spec) - _BATCH_KEYS
             if "task_name" not in spec or unknown:
                 raise InvalidTaskOptionsError(
@@ -208,7 +227,7 @@ class TaskClient:
                 self._prepare(
                     spec["task_name"],
                     spec.get("args", ()),
-                    spec.get("kwargs") or {},
+                    spec.get("kwargs"),
                     spec.get("priority", default_priority),
                     spec.get("eta"),
                     spec.get("countdown"),
@@ -280,7 +299,7 @@ class TaskClient:
         self,
         task_name: str,
         args: Sequence[Any],
-        kwargs: Mapping[str, Any],
+        kwargs: Mapping[str, Any] | None,
         priority: TaskPriority | str | None,
         eta: datetime | None,
         countdown: float | None,
@@ -300,7 +319,7 @@ class TaskClient:
         self,
         task_name: str,
         args: Sequence[Any],
-        kwargs: Mapping[str, Any],
+        kwargs: Mapping[str, Any] | None,
         priority: TaskPriority | str | None,
         eta: datetime | None,
         countdown: float | None,
@@ -308,6 +327,10 @@ class TaskClient:
         callback_data: dict[str, Any] | None = None,
     ) -> tuple[TaskRecord, TaskDefinition, float]:
         """Validate everything and build the record; raises before anything is recorded."""
+        if type(args) is not tuple or type(kwargs) is not dict:  # delay() passes these
+            check_arguments(task_name, args, kwargs)
+            if kwargs is None:
+                kwargs = _NO_KWARGS
         resolve = self._resolve
         if resolve is None:
             _not_started()

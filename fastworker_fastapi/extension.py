@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastworker_fastapi import _context
+from fastworker_fastapi._dropin import ClientMethods, check_client_kwargs
 from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.errors import ConfigurationError, FastWorkerError
@@ -56,7 +57,7 @@ logger = logging.getLogger("fastworker_fastapi")
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
 
-class FastWorker:
+class FastWorker(ClientMethods):
     """Background tasks for one app, started and drained by the app's lifespan.
 
     `FastWorker(app)` attaches at once; `fw = FastWorker(...)` then `fw.init_app(app)` suits
@@ -79,7 +80,15 @@ class FastWorker:
     - `event_heartbeat`: seconds between heartbeats on idle event streams;
     - `event_buffer`: changes buffered per event stream before a slow client is dropped;
     - `max_result_bytes`: the largest result (as JSON) a task may return; a larger one
-      fails the task with a clear error.
+      fails the task with a clear error;
+    - `client_kwargs`: accepted for code written for fastworker's own FastAPI glue
+      (`discovery_address`, `serialization_format`, `timeout`, `retries`); none applies
+      in-process, so they are only checked and kept as `fw.client_kwargs`.
+
+    Like fastworker's glue, it also offers `fw.delay(...)`, `fw.submit_task(...)`,
+    `fw.delay_with_callback(...)`, `fw.submit_batch(...)`, `fw.get_task_result(...)`,
+    `fw.get_result(...)`, `fw.get_status(...)`, `fw.cancel_task(...)` (each the same as on
+    `fw.client`) and `fw.worker_count`.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class FastWorker:
         event_heartbeat: float = 15.0,
         event_buffer: int = 256,
         max_result_bytes: int = 1 << 20,
+        client_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         _require(result_ttl > 0 and math.isfinite(result_ttl), "result_ttl must be > 0")
         _require(max_results >= 1, "max_results must be >= 1")
@@ -134,6 +144,7 @@ class FastWorker:
         self.dashboard = dashboard
         self.event_heartbeat = event_heartbeat
         self.event_buffer = event_buffer
+        self.client_kwargs = check_client_kwargs(client_kwargs)
         self.client = TaskClient()
         self.callbacks = CallbackDispatcher(
             callbacks if callbacks is not None else CallbackSettings()
@@ -168,6 +179,7 @@ class FastWorker:
                     dashboard=self.dashboard,
                     event_heartbeat=self.event_heartbeat,
                     event_buffer=self.event_buffer,
+                    app_router=app.router,
                 ),
             )
             if isinstance(app, FastAPI):
@@ -224,12 +236,7 @@ class FastWorker:
                 with progress.bind():  # the workers started here report to it
                     await scheduler.start(task_group)
                 _context.mark_running(self.client)
-                logger.info(
-                    "FastWorker started: %s, store %s, routes %s",
-                    _describe_workers(self.workers, executor),
-                    store.description,
-                    f"{self.prefix}/..." if self.prefix is not None else "none",
-                )
+                _announce("FastWorker started: %s", self._describe(executor.concurrency, store))
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
@@ -241,14 +248,15 @@ class FastWorker:
                     await store.close()
                     hub.close()
                 task_group.cancel_scope.cancel()
-                logger.info("FastWorker stopped")
+                _announce("FastWorker stopped")
 
-
-def _describe_workers(settings: WorkerSettings, executor: Any) -> str:
-    """`in-process workers (concurrency 8)` or `remote workers (...)`, for the start-up log."""
-    kind = type(settings).__name__
-    mode = "in-process" if kind == "InProcessWorkers" else "remote"
-    return f"{mode} workers ({kind}, concurrency {executor.concurrency})"
+    def _describe(self, concurrency: int, store: TaskStore) -> str:
+        """The start-up log line: mode, workers, store and routes."""
+        mode = "in-process" if isinstance(self.workers, InProcessWorkers) else "remote"
+        routes = "none" if self.prefix is None else self.prefix
+        if self.prefix is not None and self.dashboard:
+            routes += f" (dashboard {self.prefix}/dashboard)"
+        return f"mode={mode} workers={concurrency} store={store.description} routes={routes}"
 
 
 class _BindClientMiddleware:
@@ -273,6 +281,17 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, FastWorkerError)
     headers = {"Retry-After": "1"} if exc.status_code == 503 else None
     return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+
+
+def _announce(message: str, *args: Any) -> None:
+    """Log at INFO on our logger; when logging is not set up (no handler would print it)
+    but uvicorn's is, on uvicorn's, so that the server log says the workers started."""
+    target = logger
+    if not logger.hasHandlers():
+        server = logging.getLogger("uvicorn.error")
+        if server.hasHandlers():
+            target = server
+    target.info(message, *args)
 
 
 def _require(condition: bool, message: str) -> None:

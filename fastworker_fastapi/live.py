@@ -48,12 +48,41 @@ _HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
 }
+# One event of the stream, as OpenAPI 3.2's `itemSchema` (what FastAPI's own SSE support
+# emits): `event: task` carries a `TaskInfo` as JSON, `event: overflow` an error detail.
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["task", "overflow"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/TaskInfo"},
+                    {"$ref": "#/components/schemas/ErrorDetail"},
+                ]
+            },
+        },
+        "retry": {"type": "integer", "description": "Reconnection delay in milliseconds."},
+    },
+}
+# Errors are JSON, not events: spelled out, since a `model` would be documented under the
+# route's own media type (text/event-stream).
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDetail"}}}
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string", "description": "Server-sent events."},
+                "itemSchema": _EVENT_SCHEMA,
+            }
+        },
         "description": "`event: task` with a `TaskInfo` as JSON per change; comment "
         "heartbeats; `event: overflow` before closing when the client read too slowly.",
-    }
+    },
+    503: {"content": _JSON_ERROR, "description": "The extension is not running."},
 }
 
 
@@ -178,10 +207,13 @@ def add_event_routes(
         return EventStreamResponse(body, headers=_HEADERS)
 
     @router.get(
-        "/{task_id}/events",
+        "/{task_id:uuid}/events",
         summary="Stream one task's changes (server-sent events)",
         response_class=EventStreamResponse,
-        responses={**_STREAM_DOC, 404: {"description": "Unknown or expired task id."}},
+        responses={
+            **_STREAM_DOC,
+            404: {"content": _JSON_ERROR, "description": "Unknown or expired task id."},
+        },
     )
     async def one_task_events(
         task_id: Annotated[UUID, Path(description="The id returned by delay().")],

@@ -3,8 +3,10 @@
 Each extension builds its own router bound to its own client, so two apps never share state;
 the router knows the client and its settings, not the extension. Every route reads the store,
 so any process of the app answers for tasks submitted in any other. Fixed paths
-(`/tasks/events`, `/tasks/dashboard`, ...) are added before `/tasks/{task_id}`, or the id route
-would claim them and answer 422.
+(`/tasks/events`, `/tasks/dashboard`, ...) are added before the id routes, and the id routes
+match only UUIDs (`{task_id:uuid}`), so `DELETE /tasks/events` is a 405 and
+`/tasks/not-an-id` a 404. Routes the app declares itself for the same path and method take
+precedence over these (see `_yielding`).
 """
 
 from collections.abc import Sequence
@@ -14,10 +16,13 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.params import Depends as DependsParam
+from fastapi.routing import APIRoute
 from fastworker.tasks.models import TaskStatus
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Router
 
+from fastworker_fastapi._yielding import yielding_route_class
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.dashboard import add_dashboard_route
 from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
@@ -43,6 +48,7 @@ class RouteSettings:
     dashboard: bool = True
     event_heartbeat: float = 15.0
     event_buffer: int = 256
+    app_router: Router | None = None  # the app's own routes there take precedence
 
 
 TaskId = Annotated[UUID, Path(description="The id returned by delay() / submit_task().")]
@@ -75,6 +81,9 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
         prefix=settings.prefix,
         dependencies=list(settings.dependencies),
         tags=list(settings.tags),
+        route_class=APIRoute
+        if settings.app_router is None
+        else yielding_route_class(settings.app_router),
     )
 
     @router.get(
@@ -103,7 +112,7 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
         add_dashboard_route(router)
 
     @router.get(
-        "/{task_id}",
+        "/{task_id:uuid}",
         response_model=TaskInfo,
         response_class=_JSON,
         summary="Get a task's status",
@@ -117,7 +126,7 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
         return _JSON(task_json(record))
 
     @router.delete(
-        "/{task_id}",
+        "/{task_id:uuid}",
         response_model=TaskInfo,
         response_class=_JSON,
         summary="Cancel a task",

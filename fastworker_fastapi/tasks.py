@@ -42,6 +42,9 @@ class TaskDefinition:
     is_async: bool
     policy: TaskPolicy
     priority: TaskPriority = TaskPriority.NORMAL
+    # fastworker's `@task(before=..., after=...)` hooks: each gets the attempt's `Task`.
+    before: Callable[..., Any] | None = None
+    after: Callable[..., Any] | None = None
 
 
 class TaskRegistry:
@@ -71,14 +74,16 @@ class TaskRegistry:
         definition = self._tasks.get(name)
         if definition is not None:
             return definition
-        func = fastworker_registry.get_task(name)
-        if func is None:
+        info = fastworker_registry.get_task_info(name)
+        if info is None:
             return None
         return TaskDefinition(
             name=name,
-            func=func,
-            is_async=inspect.iscoroutinefunction(func),
+            func=info.func,
+            is_async=inspect.iscoroutinefunction(info.func),
             policy=TaskPolicy(),
+            before=info.before,
+            after=info.after,
         )
 
     def names(self) -> list[str]:

@@ -86,7 +86,7 @@ async def test_status_routes_and_dashboard_are_mounted() -> None:
         assert (await http.get("/tasks")).status_code == 200
         page = await http.get("/tasks/dashboard")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-        assert (await http.get("/tasks/not-an-id")).status_code == 422
+        assert (await http.get("/tasks/not-an-id")).status_code == 404
 
 
 async def test_report_status_of_unknown_task() -> None:

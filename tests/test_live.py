@@ -287,7 +287,7 @@ async def test_unknown_and_malformed_ids_are_refused() -> None:
         missing = await http.get("/tasks/00000000-0000-0000-0000-000000000000/events")
         assert missing.status_code == 404
         assert "unknown or expired" in missing.json()["detail"]
-        assert (await http.get("/tasks/not-a-uuid/events")).status_code == 422
+        assert (await http.get("/tasks/not-a-uuid/events")).status_code == 404
 
 
 async def test_all_tasks_stream_filters_and_disconnect_releases_the_subscription() -> None:
@@ -427,7 +427,7 @@ async def test_dashboard_is_one_self_contained_page_and_can_be_turned_off() -> N
 
     off, _ = make_app(dashboard=False)
     async with serve(off) as http:
-        assert (await http.get("/tasks/dashboard")).status_code == 422  # just a bad task id
+        assert (await http.get("/tasks/dashboard")).status_code == 404  # not an id either
 
 
 def test_invalid_live_options_are_refused() -> None:

@@ -26,6 +26,8 @@ EXPECTED = {
     "TaskPriority",
     "TaskStatus",
     "TaskResult",
+    "Task",
+    "CallbackInfo",
     "TaskInfo",
     "TaskList",
     "CallbackState",
@@ -64,6 +66,8 @@ def test_fastworker_models_are_fastworkers_own() -> None:
     assert fastworker_fastapi.TaskPriority is fastworker_models.TaskPriority
     assert fastworker_fastapi.TaskStatus is fastworker_models.TaskStatus
     assert fastworker_fastapi.TaskResult is fastworker_models.TaskResult
+    assert fastworker_fastapi.Task is fastworker_models.Task
+    assert fastworker_fastapi.CallbackInfo is fastworker_models.CallbackInfo
 
 
 def test_every_public_name_is_documented() -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from fastworker_fastapi._hooks import run_with_hooks
 from fastworker_fastapi.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -69,11 +70,17 @@ class InProcessExecutor:
         self._limiter = anyio.CapacityLimiter(self._thread_limit)
 
     def run(self, record: TaskRecord, definition: TaskDefinition, slot: Any) -> Awaitable[Any]:
+        if definition.before is not None or definition.after is not None:  # fastworker's
+            call = functools.partial(self._call, definition, record)
+            return run_with_hooks(definition, record, call, self._limiter)
+        return self._call(definition, record)
+
+    def _call(self, definition: TaskDefinition, record: TaskRecord) -> Awaitable[Any]:
         if definition.is_async:  # the task's own coroutine: no wrapper frame
             coroutine: Awaitable[Any] = definition.func(*record.args, **record.kwargs)
             return coroutine
-        call = functools.partial(definition.func, *record.args, **record.kwargs)
-        return anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._limiter)
+        func = functools.partial(definition.func, *record.args, **record.kwargs)
+        return anyio.to_thread.run_sync(func, abandon_on_cancel=True, limiter=self._limiter)
 
     async def aclose(self) -> None:
         return None

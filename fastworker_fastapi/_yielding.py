@@ -1,0 +1,36 @@
+"""The app's own routes win over the extension's status routes.
+
+The status routes are added when `FastWorker(app)` runs, so before the app's own routes. An
+app written for fastworker's glue often has routes of its own under `/tasks` (say
+`GET /tasks/{task_id}` answering in its own format); those must keep working when the
+import is swapped to ours. So a status route that fully matches a request gives way when a
+route declared on the app itself (not in an included router or a mount) fully matches it
+too.
+"""
+
+from __future__ import annotations
+
+from fastapi.routing import APIRoute
+from starlette.routing import Match, Route, Router
+from starlette.types import Scope
+
+__all__ = ["yielding_route_class"]
+
+
+def yielding_route_class(app_router: Router) -> type[APIRoute]:
+    """An `APIRoute` class whose routes give way to `app_router`'s own matching routes."""
+
+    class StatusRoute(APIRoute):
+        def matches(self, scope: Scope) -> tuple[Match, Scope]:
+            match, child_scope = super().matches(scope)
+            if match is Match.FULL:
+                for route in app_router.routes:
+                    if (
+                        isinstance(route, Route)
+                        and not isinstance(route, StatusRoute)
+                        and route.matches(scope)[0] is Match.FULL
+                    ):
+                        return Match.NONE, {}
+            return match, child_scope
+
+    return StatusRoute
