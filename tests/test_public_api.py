@@ -44,6 +44,7 @@ EXPECTED = {
     "CapacityError",
     "QueueFullError",
     "ShuttingDownError",
+    "StoreUnavailableError",
     "TaskNotFoundError",
     "TaskAlreadyFinishedError",
     "WaitTimeoutError",
