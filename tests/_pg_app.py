@@ -36,7 +36,8 @@ async def pg_hold(tag: str, gate: str) -> str:
     """Runs until the file `gate` exists in FW_PG_DIR, then returns `tag`."""
     _log(f"start {tag} {os.getpid()}")
     path = os.path.join(FOLDER, gate)
-    while not os.path.exists(path):
+    # A test's gate is a file another process creates: polled, as nothing can signal it.
+    while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240
         await asyncio.sleep(0.02)
     _log(f"done {tag} {os.getpid()}")
     return tag

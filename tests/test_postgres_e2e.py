@@ -59,12 +59,7 @@ class Cluster:
             "FW_PG_CONCURRENCY": str(concurrency),
         }
         log = self.folder / f"host-{port}.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "tests._pg_app:app", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "warning"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        process = _spawn(port, env, log)
         host = Host(process, f"http://127.0.0.1:{port}", log)
         self.hosts.append(host)
 
@@ -87,6 +82,16 @@ class Cluster:
     def runs(self) -> list[str]:
         path = self.folder / "runs.log"
         return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
+def _spawn(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`uvicorn tests._pg_app:app` on `port`, in its own process group, output to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "tests._pg_app:app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
 
 
 @pytest.fixture
