@@ -29,7 +29,10 @@ what differs is how they are reached across hosts:
 - **`peek` from memory.** FastWorker's sync `get_result` cannot await a query, so `peek`
   answers from a bounded LRU cache (`peek_cache` records) of every record this process
   wrote, read or received through the feed: this process's latest view, which may trail
-  the database by a feed round; `None` for a task it has not seen.
+  the database by a feed round; `None` for a task it has not seen. `get` answers from the
+  same cache for final records (they no longer change, but for their callback's delivery
+  state, which reaches the cache through the feed), so `wait()` and status polls of
+  finished tasks cost no query.
 - **A database that goes away.** Submissions and reads fail at once with
   `StoreUnavailableError` (HTTP 503), after one retry on a fresh connection. Writes to tasks
   this process runs (status, results, progress) are retried until the database is back, so
@@ -592,6 +595,10 @@ class PostgresStore:
     # -- reads -------------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> TaskRecord | None:
+        cached = self._cache.get(task_id)
+        if cached is not None and cached.status in FINAL_STATUSES:
+            return cached  # a final record changes no more (but for its callback's outbox)
+
         async def op(conn: AConn) -> TaskRecord | None:
             cur = await conn.execute(
                 f"SELECT data FROM {self.schema}.tasks WHERE id = %s", (task_id,)
