@@ -17,6 +17,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -103,6 +104,22 @@ class PostgresServer:
                 "--no-sync",
             )
         self._pg_ctl("start")
+        self._start_reaper()
+
+    def _start_reaper(self) -> None:
+        """A watcher that stops the server when this process dies in any way (a SIGKILL of
+        pytest skips every finalizer): it waits for its stdin to close."""
+        stop = [self.pg_ctl, "stop", "-D", str(self.data), "-m", "immediate"]
+        if self.user is not None:
+            stop = ["runuser", "-u", self.user, "--", *stop]
+        script = (
+            "import subprocess, sys\n"
+            "sys.stdin.buffer.read()\n"
+            f"subprocess.run({stop!r}, capture_output=True)\n"
+        )
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, start_new_session=True
+        )
 
     def _pg_ctl(self, action: str, *extra: str) -> None:
         options = " ".join(
@@ -131,6 +148,11 @@ class PostgresServer:
 
     def cleanup(self) -> None:
         self.stop()
+        reaper = getattr(self, "_reaper", None)
+        if reaper is not None:
+            assert reaper.stdin is not None
+            reaper.stdin.close()  # the server is stopped already: it exits at once
+            reaper.wait(30)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def schema(self) -> str:
