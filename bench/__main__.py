@@ -85,7 +85,9 @@ async def main() -> int:
         ),
     ]
     extra = await remote_rows()
-    write_doc(rows, checks, cost, extra)
+    pg_lines, pg_checks = await postgres_rows()
+    checks += [Check(*check) for check in pg_checks]
+    write_doc(rows, checks, cost, [*pg_lines, *extra])
     failed = [c for c in checks if not c.ok]
     for check in checks:
         verdict = "PASS" if check.ok else "FAIL"
@@ -100,6 +102,13 @@ async def remote_rows() -> list[str]:
     except ImportError:
         return []
     return await run_remote()
+
+
+async def postgres_rows() -> tuple[list[str], list[tuple[str, float, str, bool]]]:
+    """PostgreSQL rows and checks (see bench/postgres.py); none when it is not installed."""
+    from bench.postgres import run as run_postgres
+
+    return await run_postgres()
 
 
 def write_doc(

@@ -4,6 +4,7 @@
 FastWorkerError                       status_code
 ├── ConfigurationError                500  wrong set-up: attached twice, bad settings
 ├── NotRunningError                   503  no running extension (lifespan not started)
+├── StoreUnavailableError             503  the task store's database cannot be reached now
 ├── SubmissionError                   422  a submission was refused; nothing was recorded
 │   ├── UnknownTaskError              422  no task registered under that name
 │   ├── InvalidTaskArgumentsError     422  arguments not JSON-serialisable
@@ -36,6 +37,7 @@ __all__ = [
     "NotRunningError",
     "QueueFullError",
     "ShuttingDownError",
+    "StoreUnavailableError",
     "SubmissionError",
     "TaskAlreadyFinishedError",
     "TaskFailed",
@@ -57,6 +59,17 @@ class ConfigurationError(FastWorkerError):
 
 class NotRunningError(FastWorkerError, RuntimeError):
     """No running extension: the app's lifespan has not started, or has ended."""
+
+    status_code = 503
+
+
+class StoreUnavailableError(FastWorkerError, ConnectionError):
+    """The task store's database cannot be reached now (a server restart, a network cut).
+
+    Nothing was recorded by the call that raised it; trying again later may work. Writes
+    to tasks that are already running are not refused: the store retries them until the
+    database is back.
+    """
 
     status_code = 503
 

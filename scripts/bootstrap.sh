@@ -72,3 +72,23 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     touch "$STAMP"
 fi
+
+# The PostgreSQL store's tests start a throwaway server with the machine's initdb/pg_ctl.
+# Install it when it is missing and we may (root with apt); otherwise those tests skip.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing PostgreSQL (for the PostgreSQL store's tests)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) \
+            >/dev/null 2>&1 || echo "bootstrap: could not install PostgreSQL; its tests will skip" >&2
+        # Debian's package may start a cluster of its own: the tests never use it.
+        if command -v pg_ctlcluster >/dev/null 2>&1; then
+            for conf in /etc/postgresql/*/main; do
+                [ -d "$conf" ] || continue
+                version="$(basename "$(dirname "$conf")")"
+                pg_ctlcluster "$version" main stop >/dev/null 2>&1 || true
+            done
+        fi
+    else
+        echo "bootstrap: PostgreSQL (initdb) not found; the PostgreSQL store's tests will skip" >&2
+    fi
+fi

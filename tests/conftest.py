@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp
 
 from fastworker_fastapi._control_plane import ControlPlaneProcess
+from tests._postgres import PostgresServer
 
 TESTS_DIR = Path(__file__).parent
 
@@ -95,3 +96,18 @@ async def control_plane() -> AsyncIterator[ControlPlaneProcess]:
         yield process
     finally:
         await stop_for_sure(process)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole run (tests take a schema each);
+    skipped with the reason when PostgreSQL is not installed. Always stopped."""
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()

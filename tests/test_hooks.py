@@ -8,9 +8,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastworker import task
-from fastworker_fastapi.records import TaskPolicy
 
 from fastworker_fastapi import FastWorker, Task, TaskStatus
+from fastworker_fastapi.records import TaskPolicy
 from fastworker_fastapi.tasks import TaskDefinition, TaskRegistry
 
 CALLS: list[tuple[str, Any]] = []

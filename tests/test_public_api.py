@@ -46,6 +46,7 @@ EXPECTED = {
     "CapacityError",
     "QueueFullError",
     "ShuttingDownError",
+    "StoreUnavailableError",
     "TaskNotFoundError",
     "TaskAlreadyFinishedError",
     "WaitTimeoutError",

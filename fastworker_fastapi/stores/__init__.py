@@ -71,4 +71,8 @@ def __getattr__(name: str) -> object:
         from fastworker_fastapi.stores.sqlite import SQLiteStore
 
         return SQLiteStore
+    if name == "PostgresStore":  # needs the `postgres` extra
+        from fastworker_fastapi.stores.postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(name)
