@@ -437,6 +437,7 @@ class Scheduler:
         acquire = getattr(self.executor, "acquire", None)
         release = getattr(self.executor, "release", None)
         set_current = _context.current_run.set
+        small = min(4096, self.max_result_bytes)  # ASCII strings below it need no check
         try:
             while True:
                 for queue in queues:
@@ -525,7 +526,7 @@ class Scheduler:
                         value is None
                         or kind is int
                         or kind is bool
-                        or (kind is str and len(value) < 4096 and value.isascii())
+                        or (kind is str and len(value) < small and value.isascii())
                     )
                 ):  # the common case, inline: a plain value, nothing else to write
                     if await update(
