@@ -299,7 +299,17 @@ class SQLiteStore:
             conn.close()
 
     def _setup(self, conn: sqlite3.Connection) -> int:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        # Switching a new file to WAL can answer "locked" at once, without the busy handler,
+        # while another process does the same: retry it within the busy timeout.
+        give_up = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > give_up:
+                    raise
+                time.sleep(0.01)
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"WAL mode refused (journal_mode is {mode!r})")
         conn.execute("PRAGMA synchronous = NORMAL")
