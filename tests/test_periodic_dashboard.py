@@ -9,9 +9,9 @@ import httpx
 import pytest
 from _server import live_server
 from fastapi import FastAPI
+from test_dashboard_browser import browser, chromium_path  # noqa: F401  (fixtures)
 
 from fastworker_fastapi import FastWorker, background_task
-from tests.test_dashboard_browser import browser, chromium_path  # noqa: F401  (fixtures)
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 
