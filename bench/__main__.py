@@ -85,9 +85,12 @@ async def main() -> int:
         ),
     ]
     extra = await remote_rows()
+    from bench.sqlite import run as run_sqlite
+
+    sqlite_lines, sqlite_checks = await run_sqlite()
     pg_lines, pg_checks = await postgres_rows()
-    checks += [Check(*check) for check in pg_checks]
-    write_doc(rows, checks, cost, [*pg_lines, *extra])
+    checks += [Check(*check) for check in (*sqlite_checks, *pg_checks)]
+    write_doc(rows, checks, cost, [*sqlite_lines, *pg_lines, *extra])
     failed = [c for c in checks if not c.ok]
     for check in checks:
         verdict = "PASS" if check.ok else "FAIL"

@@ -38,6 +38,7 @@ from fastworker_fastapi.extension import FastWorker
 from fastworker_fastapi.models import CallbackState, TaskInfo, TaskList
 from fastworker_fastapi.periodic import Schedule, ScheduleInfo, ScheduleList, schedule
 from fastworker_fastapi.progress import report_progress
+from fastworker_fastapi.stores import MemoryStore, SQLiteStore, TaskStore
 from fastworker_fastapi.tasks import BackgroundTask, TaskCall, background_task
 from fastworker_fastapi.workers import InProcessWorkers, RemoteWorkers
 
@@ -56,9 +57,11 @@ __all__ = [
     "InProcessWorkers",
     "InvalidTaskArgumentsError",
     "InvalidTaskOptionsError",
+    "MemoryStore",
     "NotRunningError",
     "QueueFullError",
     "RemoteWorkers",
+    "SQLiteStore",
     "Schedule",
     "ScheduleInfo",
     "ScheduleList",
@@ -79,6 +82,7 @@ __all__ = [
     "TaskPriority",
     "TaskResult",
     "TaskStatus",
+    "TaskStore",
     "UnknownTaskError",
     "VerifiedCallback",
     "WaitTimeoutError",

@@ -36,6 +36,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -456,6 +457,7 @@ class Scheduler:
         assert runner is not None and self._loop is not None
         queues = self._queues
         update = self.store.update
+        update_nowait = getattr(self.store, "update_nowait", None)
         run_task = self.executor.run
         acquire = getattr(self.executor, "acquire", None)
         release = getattr(self.executor, "release", None)
@@ -495,14 +497,31 @@ class Scheduler:
                 run.stage = STARTING
                 record = run.record
                 owner = record.owner
-                updated = await update(
-                    record.id,
-                    owner,
-                    record.attempts,
-                    status=_RUNNING,
-                    started_at=_now(UTC),
-                    attempts=record.attempts + 1,
-                )
+                started = _now(UTC)
+                updated: TaskRecord | None
+                if update_nowait is not None and run.reason is None:
+                    # The store applies our writes in order: queue RUNNING and go on; should
+                    # it not match (the task was taken over), the final write will not either.
+                    update_nowait(
+                        record.id,
+                        owner,
+                        record.attempts,
+                        status=_RUNNING,
+                        started_at=started,
+                        attempts=record.attempts + 1,
+                    ).add_done_callback(_consume)
+                    updated = replace(
+                        record, status=_RUNNING, started_at=started, attempts=record.attempts + 1
+                    )
+                else:
+                    updated = await update(
+                        record.id,
+                        owner,
+                        record.attempts,
+                        status=_RUNNING,
+                        started_at=started,
+                        attempts=record.attempts + 1,
+                    )
                 if updated is None or run.reason is not None:
                     if slot is not None and release is not None:
                         release(slot)
@@ -708,6 +727,12 @@ class Scheduler:
         if record.eta is not None and record.status is not TaskStatus.QUEUED:
             delay = (record.eta - _now(UTC)).total_seconds()
         self._place(run, delay)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a write nobody awaits (its failure is logged, not lost)."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("a task status write failed: %s", future.exception())
 
 
 class _TimedOut(Exception):  # an internal signal: it never escapes the scheduler

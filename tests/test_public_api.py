@@ -17,6 +17,10 @@ EXPECTED = {
     "TaskClient",
     "TaskClientDep",
     "get_fastworker",
+    # task stores
+    "MemoryStore",
+    "SQLiteStore",
+    "TaskStore",
     # tasks
     "background_task",
     "BackgroundTask",

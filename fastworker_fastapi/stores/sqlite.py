@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -84,6 +84,10 @@ logger = logging.getLogger("fastworker_fastapi")
 SCHEMA_VERSION = 1
 """Bumped by every schema change; `open` migrates older files and refuses newer ones."""
 
+# Indexes only where a write does not pay for them on every status change: `seq` (the
+# feed; it changes with every write anyway), `owner` (recovery; set at insert and claims),
+# unowned tasks (claims; only released tasks are in it) and finished ones by completion
+# (retention). Listing walks rowids newest first, which is insertion order.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tasks (
@@ -102,11 +106,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_seq ON tasks (seq);
-CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
-CREATE INDEX IF NOT EXISTS tasks_name ON tasks (name);
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner);
-CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created);
-CREATE INDEX IF NOT EXISTS tasks_completed_at ON tasks (completed_at);
+CREATE INDEX IF NOT EXISTS tasks_unowned ON tasks (status) WHERE owner IS NULL;
+CREATE INDEX IF NOT EXISTS tasks_completed_at ON tasks (completed_at)
+    WHERE completed_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS owners (
     owner TEXT PRIMARY KEY,
     host TEXT,
@@ -123,6 +126,7 @@ CREATE TABLE IF NOT EXISTS schedules (
 ) WITHOUT ROWID;
 """
 
+_OWN_LIMIT = 100_000  # own unfinished tasks remembered (beyond it, writes read rows back)
 _FINAL = tuple(s.value for s in FINAL_STATUSES)
 _WAITING = tuple(s.value for s in WAITING_STATUSES)
 _UNFINISHED = tuple(s.value for s in TaskStatus if s not in FINAL_STATUSES)
@@ -185,6 +189,9 @@ class SQLiteStore:
         self._host, self._pid, self._started = _host_key(), os.getpid(), _proc_start(os.getpid())
         self._hints: _Hints | None = None
         self._update_sql: dict[tuple[str, ...], str] = {}
+        # This process's own unfinished tasks as last written, so that a write needs no
+        # read back: the writer thread alone reads and changes it (see _cas).
+        self._own: dict[str, TaskRecord] = {}
 
     @property
     def description(self) -> str:
@@ -360,7 +367,21 @@ class SQLiteStore:
                 (seq,) = conn.execute(
                     "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value"
                 ).fetchone()
-                for op, future in ops:
+                if len(ops) == 1:  # alone in its transaction: no savepoint needed
+                    ((op, future),) = ops
+                    result, records = op(conn, seq)  # a failure rolls the whole back
+                    outcomes.append((future, result, None, records))
+                for op, future in ops if len(ops) > 1 else ():
+                    if getattr(op, "single_statement", False):
+                        # One statement is atomic by itself: no savepoint (each statement
+                        # is a round trip for the GIL, which the event loop also wants).
+                        try:
+                            result, records = op(conn, seq)
+                        except Exception as exc:
+                            outcomes.append((future, None, exc, ()))
+                        else:
+                            outcomes.append((future, result, None, records))
+                        continue
                     conn.execute("SAVEPOINT op")
                     try:
                         result, records = op(conn, seq)
@@ -417,7 +438,11 @@ class SQLiteStore:
                 conn.executemany(_INSERT, [(row[0], seq, owner, *row[1:]) for row in rows])
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"a task in this batch exists already ({exc})") from None
+            self._remember(records)
             return None, records
+
+        if len(rows) == 1:
+            op.single_statement = True  # type: ignore[attr-defined]
 
         await self._submit(op)
 
@@ -430,6 +455,8 @@ class SQLiteStore:
                 _INSERT + " ON CONFLICT (id) DO NOTHING", (row[0], seq, owner, *row[1:])
             )
             added = cursor.rowcount == 1
+            if added:
+                self._remember((record,))
             return added, (record,) if added else ()
 
         added: bool = await self._submit(op)
@@ -438,16 +465,31 @@ class SQLiteStore:
     async def update(
         self, task_id: str, expect_owner: str | None, expect_attempts: int, **changes: Any
     ) -> TaskRecord | None:
-        sql, params = self._prepare(changes)
-
-        def op(conn: sqlite3.Connection, seq: int) -> tuple[TaskRecord | None, Sequence[Any]]:
-            record = self._cas(conn, seq, sql, params, task_id, expect_owner, expect_attempts)
-            return record, () if record is None else (record,)
-
-        record: TaskRecord | None = await self._submit(op)
+        record: TaskRecord | None = await self.update_nowait(
+            task_id, expect_owner, expect_attempts, **changes
+        )
         if record is None:
             logger.debug("dropped a write to task %s: owner or attempt changed", task_id)
         return record
+
+    def update_nowait(
+        self, task_id: str, expect_owner: str | None, expect_attempts: int, **changes: Any
+    ) -> asyncio.Future[TaskRecord | None]:
+        """`update`, queued at once: this store applies one process's writes in the order
+        they were made, so a caller that needs no answer yet (the scheduler marking a task
+        RUNNING) need not wait for the commit before going on."""
+        sql, params = self._prepare(changes)
+
+        def op(conn: sqlite3.Connection, seq: int) -> tuple[TaskRecord | None, Sequence[Any]]:
+            record = self._cas(
+                conn, seq, sql, params, task_id, expect_owner, expect_attempts, changes=changes
+            )
+            return record, () if record is None else (record,)
+
+        op.single_statement = True  # type: ignore[attr-defined]
+
+        future: asyncio.Future[TaskRecord | None] = self._submit(op)
+        return future
 
     def _row(self, record: TaskRecord) -> tuple[Any, ...]:
         data = record.to_json()
@@ -497,13 +539,33 @@ class SQLiteStore:
         expect_owner: str | None,
         expect_attempts: int,
         extra: str = "",
+        changes: dict[str, Any] | None = None,
     ) -> TaskRecord | None:
+        """Compare-and-set one task (writer thread only). With `changes` and the task in
+        `_own`, the new record is made from the one last written, without reading the row
+        back: the JSON decode would cost more than the write."""
+        base = self._own.get(task_id) if changes is not None else None
         row = conn.execute(
             f"UPDATE tasks SET {sql}, seq = ?, writer = ?"
-            f" WHERE id = ? AND owner IS ? AND attempts = ?{extra} RETURNING data",
+            f" WHERE id = ? AND owner IS ? AND attempts = ?{extra}"
+            f" RETURNING {'1' if base is not None else 'data'}",
             (*params, seq, self.owner, task_id, expect_owner, expect_attempts),
         ).fetchone()
-        return None if row is None else _decode(row[0])
+        if row is None:
+            self._own.pop(task_id, None)
+            return None
+        record = _decode(row[0]) if base is None else replace(base, **changes)  # type: ignore[arg-type]
+        if record.owner != self.owner or record.status in FINAL_STATUSES:
+            self._own.pop(task_id, None)
+        elif task_id in self._own:
+            self._own[task_id] = record
+        return record
+
+    def _remember(self, records: Sequence[TaskRecord]) -> None:
+        own = self._own
+        for record in records:
+            if record.owner == self.owner and len(own) < _OWN_LIMIT and not record.finished:
+                own[record.id] = record
 
     async def request_cancel(self, task_id: str) -> TaskRecord:
         flag_sql, flag_params = self._prepare({"cancel_requested": True})
@@ -563,7 +625,7 @@ class SQLiteStore:
             params.append(name)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = self._read_conn().execute(
-            f"SELECT data FROM tasks{clause} ORDER BY created DESC, rowid DESC LIMIT ?",
+            f"SELECT data FROM tasks{clause} ORDER BY rowid DESC LIMIT ?",
             (*params, max(limit, 0)),
         )
         return list(_decode_many(row[0] for row in rows))
