@@ -52,7 +52,7 @@ from fastworker_fastapi.errors import (
     ShuttingDownError,
     TaskFailed,
 )
-from fastworker_fastapi.records import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord
+from fastworker_fastapi.records import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord, is_final
 from fastworker_fastapi.stores.base import final_changes, interrupted_changes
 
 if TYPE_CHECKING:
@@ -140,6 +140,10 @@ class Scheduler:
         self._sweeper: anyio.CancelScope | None = None
         self._closing = False
         self.accepting = False
+        # Stores that never wait (memory) also offer their writes as plain calls.
+        self._add = getattr(store, "add", None)
+        self._mark_running = getattr(store, "mark_running", None)
+        self._mark_succeeded = getattr(store, "mark_succeeded", None)
 
     @property
     def owner(self) -> str:
@@ -234,6 +238,22 @@ class Scheduler:
                 f"{len(self._runs)} tasks are already pending (max_pending={self.max_pending}); "
                 "try again later"
             )
+
+    def submit_now(self, record: TaskRecord, definition: TaskDefinition, delay: float) -> bool:
+        """`submit` without awaiting, when the store never waits (memory); False otherwise
+        (nothing done: await `submit`)."""
+        add = self._add
+        if add is None:
+            return False
+        runs = self._runs
+        if not self.accepting or len(runs) >= self.max_pending:
+            self.check_capacity()
+        record.owner = self.store.owner  # still being built: nobody else holds it yet
+        record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
+        add((record,))
+        run = runs[record.id] = _Run(record, definition)
+        self._place(run, delay)
+        return True
 
     async def submit(self, record: TaskRecord, definition: TaskDefinition, delay: float) -> None:
         """Record a validated task (owned by this process) and queue it, or raise."""
@@ -420,7 +440,7 @@ class Scheduler:
             self._runs.pop(record.id, None)
             return False
         run.record = updated
-        if updated.status in FINAL_STATUSES or updated.owner != record.owner:
+        if is_final(updated.status) or updated.owner != record.owner:
             self._runs.pop(record.id, None)
         return True
 
@@ -458,6 +478,7 @@ class Scheduler:
         queues = self._queues
         update = self.store.update
         update_nowait = getattr(self.store, "update_nowait", None)
+        mark_running, mark_succeeded = self._mark_running, self._mark_succeeded
         run_task = self.executor.run
         acquire = getattr(self.executor, "acquire", None)
         release = getattr(self.executor, "release", None)
@@ -499,7 +520,9 @@ class Scheduler:
                 owner = record.owner
                 started = _now(UTC)
                 updated: TaskRecord | None
-                if update_nowait is not None and run.reason is None:
+                if mark_running is not None:
+                    updated = mark_running(record.id, owner, record.attempts, started)
+                elif update_nowait is not None and run.reason is None:
                     # The store applies our writes in order: queue RUNNING and go on; should
                     # it not match (the task was taken over), the final write will not either.
                     update_nowait(
@@ -571,14 +594,19 @@ class Scheduler:
                         or (kind is str and len(value) < small and value.isascii())
                     )
                 ):  # the common case, inline: a plain value, nothing else to write
-                    if await update(
-                        record.id,
-                        owner,
-                        record.attempts,
-                        status=_SUCCESS,
-                        result=value,
-                        completed_at=_now(UTC),
-                    ):
+                    done = (
+                        mark_succeeded(record.id, owner, record.attempts, value, _now(UTC))
+                        if mark_succeeded is not None
+                        else await update(
+                            record.id,
+                            owner,
+                            record.attempts,
+                            status=_SUCCESS,
+                            result=value,
+                            completed_at=_now(UTC),
+                        )
+                    )
+                    if done:
                         del self._runs[record.id]
                     else:
                         self._runs.pop(record.id, None)
