@@ -24,6 +24,7 @@ from fastworker_fastapi.errors import (
     InvalidTaskOptionsError,
     NotRunningError,
     QueueFullError,
+    ScheduleNotFoundError,
     ShuttingDownError,
     StoreUnavailableError,
     SubmissionError,
@@ -35,6 +36,7 @@ from fastworker_fastapi.errors import (
 )
 from fastworker_fastapi.extension import FastWorker
 from fastworker_fastapi.models import CallbackState, TaskInfo, TaskList
+from fastworker_fastapi.periodic import Schedule, ScheduleInfo, ScheduleList, schedule
 from fastworker_fastapi.progress import report_progress
 from fastworker_fastapi.tasks import BackgroundTask, TaskCall, background_task
 from fastworker_fastapi.workers import InProcessWorkers, RemoteWorkers
@@ -57,6 +59,10 @@ __all__ = [
     "NotRunningError",
     "QueueFullError",
     "RemoteWorkers",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleList",
+    "ScheduleNotFoundError",
     "ShuttingDownError",
     "StoreUnavailableError",
     "SubmissionError",
@@ -79,6 +85,7 @@ __all__ = [
     "background_task",
     "get_fastworker",
     "report_progress",
+    "schedule",
     "sign_callback",
     "verify_callback_signature",
 ]

@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 from fastapi import FastAPI
@@ -37,6 +37,7 @@ from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.errors import ConfigurationError, FastWorkerError
 from fastworker_fastapi.events import EventHub
+from fastworker_fastapi.periodic import PeriodicTasks, Schedule, ScheduleOptions
 from fastworker_fastapi.progress import ProgressPublisher
 from fastworker_fastapi.routes import RouteSettings, build_router
 from fastworker_fastapi.scheduler import Scheduler
@@ -149,9 +150,17 @@ class FastWorker(ClientMethods):
         self.callbacks = CallbackDispatcher(
             callbacks if callbacks is not None else CallbackSettings()
         )
+        self.periodic = PeriodicTasks()  # this app's periodic schedules; see docs/periodic.md
         self.app: Starlette | None = None
         if app is not None:
             self.init_app(app)
+
+    def schedule(
+        self, task: Callable[..., Any] | str, /, **options: Unpack[ScheduleOptions]
+    ) -> Schedule:
+        """Run `task` periodically in this app, once per due time across its processes:
+        `fw.schedule(cleanup, cron="0 3 * * *", tz="Europe/Paris")` (options: `schedule`)."""
+        return self.periodic.schedule(task, **options)
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -180,6 +189,7 @@ class FastWorker(ClientMethods):
                     event_heartbeat=self.event_heartbeat,
                     event_buffer=self.event_buffer,
                     app_router=app.router,
+                    schedules=self.periodic,
                 ),
             )
             if isinstance(app, FastAPI):
@@ -235,11 +245,13 @@ class FastWorker(ClientMethods):
                 self.client._bind(scheduler, self.callbacks.validate_address)
                 with progress.bind():  # the workers started here report to it
                     await scheduler.start(task_group)
+                    await self.periodic.start(self.client, task_group)
                 _context.mark_running(self.client)
                 _announce("FastWorker started: %s", self._describe(executor.concurrency, store))
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
+                self.periodic.stop()
                 with anyio.CancelScope(shield=True):
                     await scheduler.shutdown(self.shutdown_timeout)
                     # After the drain (its callbacks too), within the callbacks' own budget.

@@ -250,6 +250,29 @@ class Scheduler:
             raise
         self._place(run, delay)
 
+    async def submit_unique(
+        self, record: TaskRecord, definition: TaskDefinition, delay: float
+    ) -> bool:
+        """Like `submit`, but only if no task with `record.id` exists in the store (which
+        every process sharing it sees): True when this call created and placed it."""
+        self.check_capacity()
+        if record.id in self._runs:
+            return False
+        record.owner = self.store.owner
+        record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
+        run = _Run(record, definition)
+        self._runs[record.id] = run
+        try:
+            added = await self.store.insert_if_absent(record)
+        except BaseException:
+            del self._runs[record.id]
+            raise
+        if not added:
+            del self._runs[record.id]
+            return False
+        self._place(run, delay)
+        return True
+
     async def submit_many(
         self, prepared: Sequence[tuple[TaskRecord, TaskDefinition, float]]
     ) -> None:

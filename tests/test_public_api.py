@@ -22,6 +22,12 @@ EXPECTED = {
     "BackgroundTask",
     "TaskCall",
     "report_progress",
+    # periodic tasks
+    "schedule",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleList",
+    "ScheduleNotFoundError",
     # models: FastWorker's own, and ours
     "TaskPriority",
     "TaskStatus",

@@ -13,13 +13,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi.errors import TaskAlreadyFinishedError, TaskNotFoundError
 from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord
-from fastworker_fastapi.stores.base import cancelled_changes
+from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -47,6 +49,7 @@ class MemoryStore:
         self._finished: deque[str] = deque()
         self._finished_at: deque[float] = deque()
         self._kept: set[str] = set()  # due to expire, kept until their callback is delivered
+        self._schedules: dict[str, ScheduleState] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -184,3 +187,26 @@ class MemoryStore:
             if records.pop(task_id, None) is not None:
                 dropped += 1
         return dropped
+
+    # -- schedules ---------------------------------------------------------------------------
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        return dict(self._schedules)
+
+    async def update_schedule(
+        self,
+        name: str,
+        *,
+        paused: bool | None = None,
+        last_due: datetime | None = None,
+        resumed_at: datetime | None = None,
+    ) -> ScheduleState:
+        state = self._schedules.get(name) or ScheduleState(name)
+        if paused is not None:
+            state = replace(state, paused=paused)
+        if resumed_at is not None:
+            state = replace(state, resumed_at=resumed_at)
+        if last_due is not None and (state.last_due is None or last_due > state.last_due):
+            state = replace(state, last_due=last_due)
+        self._schedules[name] = state
+        return state

@@ -51,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +70,7 @@ from fastworker_fastapi.records import (
     TaskRecord,
     dumps,
 )
-from fastworker_fastapi.stores.base import cancelled_changes, released_changes
+from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -115,6 +115,12 @@ CREATE TABLE IF NOT EXISTS owners (
     heartbeat REAL NOT NULL,
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_due INTEGER,
+    resumed_at INTEGER
+) WITHOUT ROWID;
 """
 
 _FINAL = tuple(s.value for s in FINAL_STATUSES)
@@ -299,7 +305,17 @@ class SQLiteStore:
             conn.close()
 
     def _setup(self, conn: sqlite3.Connection) -> int:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        # Switching a new file to WAL can answer "locked" at once, without the busy handler,
+        # while another process does the same: retry it within the busy timeout.
+        give_up = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > give_up:
+                    raise
+                time.sleep(0.01)
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"WAL mode refused (journal_mode is {mode!r})")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -696,6 +712,44 @@ class SQLiteStore:
         gone: int = await self._submit(op)
         return gone
 
+    # -- schedules -----------------------------------------------------------------------------
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        rows = self._read_conn().execute("SELECT name, paused, last_due, resumed_at FROM schedules")
+        return {row[0]: _schedule_state(row) for row in rows}
+
+    async def update_schedule(
+        self,
+        name: str,
+        *,
+        paused: bool | None = None,
+        last_due: datetime | None = None,
+        resumed_at: datetime | None = None,
+    ) -> ScheduleState:
+        params = (
+            name,
+            None if paused is None else int(paused),
+            _micros(last_due),
+            _micros(resumed_at),
+        )
+
+        def op(conn: sqlite3.Connection, seq: int) -> tuple[ScheduleState, Sequence[Any]]:
+            row = conn.execute(
+                "INSERT INTO schedules (name, paused, last_due, resumed_at)"
+                " VALUES (?1, coalesce(?2, 0), ?3, ?4)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " paused = coalesce(?2, paused),"
+                " last_due = CASE WHEN last_due IS NULL OR ?3 > last_due"
+                " THEN coalesce(?3, last_due) ELSE last_due END,"
+                " resumed_at = coalesce(?4, resumed_at)"
+                " RETURNING name, paused, last_due, resumed_at",
+                params,
+            ).fetchone()
+            return _schedule_state(row), ()
+
+        state: ScheduleState = await self._submit(op)
+        return state
+
     # -- the change feed ---------------------------------------------------------------------
 
     async def _feed(self) -> None:
@@ -798,6 +852,23 @@ _COLUMNS: dict[str, Callable[[Any], Any]] = {
     "delivery": lambda value: int(value is not None and value.open),
 }
 _COLUMN_NAMES = {"delivery": "delivery_open"}
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(value: datetime | None) -> int | None:
+    """Microseconds since the epoch: exact, so due times compare exactly."""
+    return None if value is None else (value - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_micros(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def _schedule_state(row: Sequence[Any]) -> ScheduleState:
+    name, paused, last_due, resumed_at = row
+    return ScheduleState(name, bool(paused), _from_micros(last_due), _from_micros(resumed_at))
 
 
 def _set_clause(keys: Iterable[str]) -> str:
