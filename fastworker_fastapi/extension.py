@@ -253,9 +253,9 @@ class FastWorker(ClientMethods):
                 _context.mark_stopped(self.client)
                 self.periodic.stop()
                 with anyio.CancelScope(shield=True):
-                    deadline = anyio.current_time() + self.shutdown_timeout
                     await scheduler.shutdown(self.shutdown_timeout)
-                    await self.callbacks.aclose(deadline)  # after the drain: its callbacks too
+                    # After the drain (its callbacks too), within the callbacks' own budget.
+                    await self.callbacks.aclose()
                     await executor.aclose()
                     await store.close()
                     hub.close()
