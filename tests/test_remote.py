@@ -171,7 +171,7 @@ async def remote_app(workers: RemoteWorkers, **options: Any) -> AsyncIterator[An
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({}, "needs control planes"),
+        ({"spawn": 0}, "needs control planes"),
         ({"addresses": "tcp://127.0.0.1:5555"}, "list of strings"),
         ({"spawn": 1, "task_modules": "m"}, "list of module names"),
         ({"addresses": ["http://x:1"]}, "expected an nng address"),
@@ -188,6 +188,17 @@ async def remote_app(workers: RemoteWorkers, **options: Any) -> AsyncIterator[An
 def test_bad_settings_are_refused(options: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         RemoteWorkers(**options)
+
+
+def test_the_default_spawn_fits_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert RemoteWorkers().spawn == 7  # one core stays the app's
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert RemoteWorkers().spawn == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert RemoteWorkers().spawn == 1
+    assert RemoteWorkers(addresses=["tcp://127.0.0.1:5555"]).spawn == 0  # planes given
+    assert RemoteWorkers(discovery="tcp://127.0.0.1:5556").spawn == 0
 
 
 def test_settings_are_frozen_and_hashable() -> None:

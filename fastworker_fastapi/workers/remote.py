@@ -72,6 +72,15 @@ _MAX_LANES: Final = 3  # task ports 0-2; port 3 takes the batches that overflow 
 _LANE_PATIENCE: Final = 0.05  # s every lane must have been busy before tasks overflow to a batch
 
 
+def default_spawn() -> int:
+    """Planes that fit this machine: one per core but one (the app's), at least one.
+
+    Measured on 2 cores, a second plane gained nothing (docs/remote.md): a plane runs its
+    tasks on one core, and the app needs one for itself.
+    """
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RemoteWorkers:
     """Settings for tasks run on FastWorker control planes.
@@ -83,7 +92,9 @@ class RemoteWorkers:
       announcements and dropped after `discovery_ttl` seconds of silence;
     - `spawn`: start this many `fastworker control-plane` children on free loopback ports,
       loading `task_modules` (default: the modules of the registered tasks) with
-      `python_path` plus this process's own import path.
+      `python_path` plus this process's own import path. Left out with no `addresses` or
+      `discovery`, it fits the machine: one plane per core but one (the app keeps a core),
+      at least one; `RemoteWorkers()` alone is a complete setting.
 
     Flow and deadlines: `concurrency` tasks in flight in total, at most `max_in_flight` on one
     plane, at most `max_batch` per request; `call_timeout` bounds every request,
@@ -99,7 +110,7 @@ class RemoteWorkers:
 
     addresses: Sequence[str] = ()
     discovery: str | None = None
-    spawn: int = 0
+    spawn: int | None = None
     task_modules: Sequence[str] | None = None
     python_path: Sequence[str] = ()
     task_names: Sequence[str] = ()
@@ -129,6 +140,9 @@ class RemoteWorkers:
             if isinstance(self.task_modules, str):
                 raise ConfigurationError("task_modules must be a list of module names")
             object.__setattr__(self, "task_modules", tuple(self.task_modules))
+        if self.spawn is None:
+            fits = 0 if self.addresses or self.discovery is not None else default_spawn()
+            object.__setattr__(self, "spawn", fits)
         if not self.addresses and self.discovery is None and self.spawn == 0:
             raise ConfigurationError(
                 "RemoteWorkers needs control planes: give addresses=[...], discovery=... or spawn=N"
