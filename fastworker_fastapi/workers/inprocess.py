@@ -70,6 +70,9 @@ class InProcessExecutor:
         self._limiter = anyio.CapacityLimiter(self._thread_limit)
 
     def run(self, record: TaskRecord, definition: TaskDefinition, slot: Any) -> Awaitable[Any]:
+        if definition.is_async and definition.before is None and definition.after is None:
+            coroutine: Awaitable[Any] = definition.func(*record.args, **record.kwargs)
+            return coroutine  # the common case first: the task's own coroutine
         if definition.before is not None or definition.after is not None:  # fastworker's
             call = functools.partial(self._call, definition, record)
             return run_with_hooks(definition, record, call, self._limiter)
