@@ -31,7 +31,7 @@ from fastworker_fastapi.errors import (
     WaitTimeoutError,
 )
 from fastworker_fastapi.models import TaskInfo, task_info
-from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord, is_final, utcnow
+from fastworker_fastapi.records import FINAL_STATUSES, FINAL_VALUES, TaskRecord, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -281,7 +281,7 @@ class TaskClient:
         if store is None or hub is None:
             _not_started()
         record = store.peek(task_id)
-        if record is not None and is_final(record.status):  # already done: no waiter
+        if record is not None and record.status._value_ in FINAL_VALUES:  # done: no waiter
             return record.to_task_result()
         waiter = hub.final_waiter(task_id)  # first, so a change during the read is not missed
         try:

@@ -28,7 +28,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fastworker_fastapi.models import TaskInfo
-from fastworker_fastapi.records import is_final
+from fastworker_fastapi.records import FINAL_VALUES
 
 if TYPE_CHECKING:
     from fastworker_fastapi.records import TaskRecord
@@ -172,14 +172,14 @@ class EventHub:
         if remote and self._remote_listeners:
             for listener in self._remote_listeners:
                 self._call(listener, record)
-        if self._waiters and is_final(record.status):
+        if self._waiters and record.status._value_ in FINAL_VALUES:
             for future in self._waiters.pop(record.id, ()):
                 if not future.done():
                     future.set_result(record)
         if self._listeners:
             for listener in self._listeners:  # never mutated in place: see add_listener
                 self._call(listener, record)
-        if self._final_listeners and is_final(record.status):
+        if self._final_listeners and record.status._value_ in FINAL_VALUES:
             for listener, when in self._final_listeners:
                 if when is None or getattr(record, when) is not None:
                     self._call(listener, record)

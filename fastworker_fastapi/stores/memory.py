@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi.errors import TaskAlreadyFinishedError, TaskNotFoundError
-from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord, is_final
+from fastworker_fastapi.records import FINAL_STATUSES, FINAL_VALUES, TaskRecord
 from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes
 
 if TYPE_CHECKING:
@@ -78,13 +78,13 @@ class MemoryStore:
     def add(self, records: Sequence[TaskRecord]) -> None:
         """`insert` without awaiting: this store never waits for anything."""
         store = self._records
-        publish = self.hub.publish
+        publish = self._publish
         if len(records) == 1:  # the common case, without the loops
             (record,) = records
             if record.id in store:
                 raise ValueError(f"a task with id {record.id!r} exists already")
             store[record.id] = record
-            if is_final(record.status):
+            if record.status._value_ in FINAL_VALUES:
                 self._finish(record)
             publish(record)
             return
@@ -121,7 +121,11 @@ class MemoryStore:
         for key, value in changes.items():
             setattr(record, key, value)
         status = record.status
-        if status is not before and is_final(status) and not is_final(before):
+        if (
+            status is not before
+            and status._value_ in FINAL_VALUES
+            and before._value_ not in FINAL_VALUES
+        ):
             self._finish(record)
         elif self._kept and task_id in self._kept and not record.delivery.open:  # type: ignore[union-attr]
             self._kept.discard(task_id)
