@@ -18,13 +18,10 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _support import isolate_package
 
-isolate_package()
-
-from fastworker_fastapi.stores.base import TaskStore  # noqa: E402
-from fastworker_fastapi.stores.memory import MemoryStore  # noqa: E402
-from fastworker_fastapi.stores.sqlite import SQLiteStore  # noqa: E402
+from fastworker_fastapi.stores.base import TaskStore
+from fastworker_fastapi.stores.memory import MemoryStore
+from fastworker_fastapi.stores.sqlite import SQLiteStore
 
 
 @dataclass

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 from _records import finished, make_record, same
-from _support import eventually, opened
+from _support import opened
 from fastworker.tasks.models import CallbackInfo, TaskPriority, TaskStatus
 
 from fastworker_fastapi.errors import TaskAlreadyFinishedError, TaskNotFoundError
 from fastworker_fastapi.records import CallbackDelivery, TaskPolicy, TaskRecord, utcnow
+from tests.conftest import eventually
 
 
 def full_record() -> TaskRecord:

@@ -9,13 +9,14 @@ from typing import Any
 import anyio
 import pytest
 from _records import make_record, same
-from _support import eventually, opened
+from _support import opened
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi.errors import ConfigurationError, StoreUnavailableError
 from fastworker_fastapi.events import EventHub
 from fastworker_fastapi.stores import resolve_store
 from tests._postgres import PostgresServer, postgres_server
+from tests.conftest import eventually
 
 psycopg = pytest.importorskip("psycopg")
 from fastworker_fastapi.stores.postgres import PostgresStore  # noqa: E402

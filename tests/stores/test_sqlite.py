@@ -13,19 +13,18 @@ from pathlib import Path
 import anyio
 import pytest
 from _records import make_record, same
-from _support import eventually, opened
+from _support import opened
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi.errors import ConfigurationError
 from fastworker_fastapi.events import EventHub
 from fastworker_fastapi.stores import resolve_store
 from fastworker_fastapi.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+from tests.conftest import eventually
 
 CHILD = """
 import asyncio, sys, time, uuid
 sys.path.insert(0, {tests!r})
-from _support import isolate_package
-isolate_package()
 from fastworker.tasks.models import TaskPriority, TaskStatus
 from fastworker_fastapi.events import EventHub
 from fastworker_fastapi.records import TaskPolicy, TaskRecord
