@@ -35,9 +35,13 @@ def _gone(pid: int) -> bool:
 
 
 def _free(port: int) -> bool:
+    """Nobody listens there: a new listener can take it (connections of the dead plane may
+    linger in TIME_WAIT; a listener with SO_REUSEADDR, as nng's, is not held up by those)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
+            sock.listen()
         except OSError:
             return False
         return True
@@ -45,7 +49,7 @@ def _free(port: int) -> bool:
 
 async def test_sigkill_of_the_app_takes_its_spawned_planes_with_it() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(TESTS_DIR.parent)])}
-    app = subprocess.Popen(
+    app = subprocess.Popen(  # noqa: ASYNC220 - started once; its pipe read is one line
         [sys.executable, str(TESTS_DIR / "_orphan_app.py")],
         stdout=subprocess.PIPE,
         env=env,
@@ -126,6 +130,6 @@ def test_a_plane_whose_app_died_during_the_spawn_kills_itself() -> None:
 
 def test_the_parent_death_signal_is_armed_on_linux() -> None:
     # In a child: arming it here would tie pytest's own life to its parent's.
-    code = "from fastworker_fastapi import _plane_main; print(_plane_main._set_parent_death_signal())"
+    code = "from fastworker_fastapi import _plane_main as m; print(m._set_parent_death_signal())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
     assert out.stdout.strip() == str(sys.platform.startswith("linux")).encode()
