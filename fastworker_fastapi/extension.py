@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastworker_fastapi import _context
+from fastworker_fastapi import _context, _server_shutdown
 from fastworker_fastapi._dropin import ClientMethods, check_client_kwargs
 from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
@@ -150,6 +150,7 @@ class FastWorker(ClientMethods):
             callbacks if callbacks is not None else CallbackSettings()
         )
         self.app: Starlette | None = None
+        self._hub: EventHub | None = None
         if app is not None:
             self.init_app(app)
 
@@ -236,10 +237,17 @@ class FastWorker(ClientMethods):
                 with progress.bind():  # the workers started here report to it
                     await scheduler.start(task_group)
                 _context.mark_running(self.client)
+                self._hub = hub
+                server_exiting = _server_shutdown.find_server_exit_flag()
+                if server_exiting is not None:
+                    task_group.start_soon(
+                        _server_shutdown.watch, server_exiting, self.end_event_streams
+                    )
                 _announce("FastWorker started: %s", self._describe(executor.concurrency, store))
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
+                self._hub = None
                 with anyio.CancelScope(shield=True):
                     deadline = anyio.current_time() + self.shutdown_timeout
                     await scheduler.shutdown(self.shutdown_timeout)
@@ -249,6 +257,16 @@ class FastWorker(ClientMethods):
                     hub.close()
                 task_group.cancel_scope.cancel()
                 _announce("FastWorker stopped")
+
+    def end_event_streams(self) -> None:
+        """End every open event stream with a final `shutdown` event, and those opened later.
+
+        Called by itself when uvicorn begins to shut down (which waits for open connections
+        before the app's lifespan ends); call it yourself under a server that does not let
+        the app know (for example from your own shutdown hook).
+        """
+        if self._hub is not None:
+            self._hub.close("shutdown")
 
     def _describe(self, concurrency: int, store: TaskStore) -> str:
         """The start-up log line: mode, workers, store and routes."""
