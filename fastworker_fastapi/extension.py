@@ -29,7 +29,6 @@ from fastapi import FastAPI
 from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastworker_fastapi import _context, _server_shutdown
 from fastworker_fastapi._dropin import ClientMethods, check_client_kwargs
@@ -167,7 +166,6 @@ class FastWorker(ClientMethods):
         self.app = app
         app.state.fastworker = self
         app.router.lifespan_context = self._chain(app.router.lifespan_context)  # type: ignore[assignment]
-        app.add_middleware(_BindClientMiddleware, client=self.client)
         if self.exception_handlers:
             app.add_exception_handler(FastWorkerError, _error_response)
         if self.prefix is not None:
@@ -275,24 +273,6 @@ class FastWorker(ClientMethods):
         if self.prefix is not None and self.dashboard:
             routes += f" (dashboard {self.prefix}/dashboard)"
         return f"mode={mode} workers={concurrency} store={store.description} routes={routes}"
-
-
-class _BindClientMiddleware:
-    """Binds this app's client to the request's context, for `handle.delay()` and DI."""
-
-    def __init__(self, app: ASGIApp, client: TaskClient) -> None:
-        self.app = app
-        self.client = client
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
-            return
-        token = _context.current_client.set(self.client)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _context.current_client.reset(token)
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:
