@@ -25,17 +25,35 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fastworker_fastapi.models import task_json
 from fastworker_fastapi.records import FINAL_STATUSES
 
 if TYPE_CHECKING:
     from fastworker_fastapi.records import TaskRecord
 
-__all__ = ["EventHub", "Subscription"]
+__all__ = ["Change", "EventHub", "Subscription"]
 
 logger = logging.getLogger("fastworker_fastapi")
 
 Listener = Callable[["TaskRecord"], None]
 RecordFilter = Callable[["TaskRecord"], bool]
+
+
+class Change:
+    """One published change as a subscription holds it: the record and, made once for all
+    subscriptions on first use, its `TaskInfo` JSON."""
+
+    __slots__ = ("_json", "record")
+
+    def __init__(self, record: TaskRecord) -> None:
+        self.record = record
+        self._json: str | None = None
+
+    @property
+    def json(self) -> str:
+        if self._json is None:
+            self._json = task_json(self.record)
+        return self._json
 
 
 class Subscription:
@@ -60,17 +78,18 @@ class Subscription:
         self.overflowed = False
         self.closed = False
         self.ended_by: str | None = None  # "overflow" or "shutdown", once ended
-        self._pending: dict[str, TaskRecord] = {}  # task id -> its latest unsent state
+        self._pending: dict[str, Change] = {}  # task id -> its latest unsent change
         self._order: list[str] = []  # ids as their first unsent change came
         self._batch: list[str] = []  # ids taken from _order, to send now, last one first
         self._wake = asyncio.Event()
         self._read_at: float | None = None  # when the reader last took a change; None: waiting
 
-    def _offer(self, record: TaskRecord) -> None:
+    def _offer(self, change: Change) -> None:
         pending = self._pending
-        if record.id not in pending:
-            self._order.append(record.id)
-        pending[record.id] = record  # a task already waiting keeps its place, takes the state
+        task_id = change.record.id
+        if task_id not in pending:
+            self._order.append(task_id)
+        pending[task_id] = change  # a task already waiting keeps its place, takes the state
         if len(pending) > self.max_buffer and self._stalled(len(pending)):
             self.overflowed = True
             self._forget()
@@ -101,7 +120,19 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> TaskRecord:
+    def drain(self) -> list[Change]:
+        """Everything ready now, without waiting (after `anext` returned one): lets a reader
+        send a burst as one write."""
+        ids = self._batch
+        ids.reverse()
+        ids += self._order
+        self._batch, self._order = [], []
+        pending = self._pending
+        if ids:
+            self._read_at = time.monotonic()
+        return [pending.pop(task_id) for task_id in ids]
+
+    async def __anext__(self) -> Change:
         while True:
             if self._batch:
                 self._read_at = time.monotonic()
@@ -250,9 +281,10 @@ class EventHub:
                 if when is None or getattr(record, when) is not None:
                     self._call(listener, record)
         if self._subscriptions:
+            change = Change(record)
             for subscription in tuple(self._subscriptions):
                 if subscription.accept is None or subscription.accept(record):
-                    subscription._offer(record)
+                    subscription._offer(change)
 
     @staticmethod
     def _call(listener: Listener, record: TaskRecord) -> None:

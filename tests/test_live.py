@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -406,7 +407,7 @@ async def test_a_silent_reader_is_dropped_once_past_the_buffer_and_the_stall_tim
     hub = EventHub()
     async with hub.subscribe(max_buffer=2, stall_timeout=0) as subscription:
         hub.publish(_record_of("a"))
-        assert (await anext(subscription)).id == "a"  # read once: now silent
+        assert (await anext(subscription)).record.id == "a"  # read once: now silent
         for task_id in ("b", "c", "d"):
             hub.publish(_record_of(task_id))
         assert subscription.overflowed
@@ -421,7 +422,7 @@ async def test_a_waiting_reader_is_not_dropped_by_a_burst_and_sees_each_task_onc
                 hub.publish(_record_of(f"t{n}", status))
         assert not subscription.overflowed
         hub.close()
-        seen = [(r.id, r.status) async for r in subscription]
+        seen = [(c.record.id, c.record.status) async for c in subscription]
     assert seen == [(f"t{n}", TaskStatus.SUCCESS) for n in range(100)]
 
 
@@ -431,12 +432,26 @@ async def test_coalescing_keeps_the_latest_state_and_the_order_of_first_changes(
         hub.publish(_record_of("a"))
         hub.publish(_record_of("b"))
         hub.publish(_record_of("a", TaskStatus.SUCCESS))
-        assert (await anext(subscription)).id == "a"
+        assert (await anext(subscription)).record.id == "a"
         hub.publish(_record_of("b", TaskStatus.FAILURE))  # not sent yet: sent in this state
         hub.publish(_record_of("a", TaskStatus.SUCCESS))  # a new change after it was sent
-        b = await anext(subscription)
+        b = (await anext(subscription)).record
         assert (b.id, b.status) == ("b", TaskStatus.FAILURE)
-        assert (await anext(subscription)).id == "a"
+        assert (await anext(subscription)).record.id == "a"
+
+
+async def test_a_burst_goes_out_as_one_chunk_and_each_change_is_serialised_once() -> None:
+    hub = EventHub()
+    bodies = [task_events(hub, max_buffer=8, heartbeat=10) for _ in range(2)]
+    for body in bodies:
+        await anext(body)
+    for n in range(3):
+        hub.publish(_record_of(f"t{n}"))
+    chunks = [await anext(body) for body in bodies]
+    assert chunks[0] == chunks[1]
+    assert re.findall(r"^event: (\w+)", chunks[0], re.M) == ["task"] * 3
+    for body in bodies:
+        await body.aclose()
 
 
 async def test_closing_the_hub_ends_streams_with_a_shutdown_event() -> None:
@@ -445,8 +460,8 @@ async def test_closing_the_hub_ends_streams_with_a_shutdown_event() -> None:
     await anext(body)
     hub.publish(_record_of("pending"))
     hub.close()  # what the extension does at shutdown
-    rest = [chunk async for chunk in body]
-    assert [chunk.split("\n", 1)[0] for chunk in rest] == ["event: task", "event: shutdown"]
+    rest = "".join([chunk async for chunk in body])
+    assert re.findall(r"^event: (\w+)", rest, re.M) == ["task", "shutdown"]
     later = task_events(hub, max_buffer=8, heartbeat=10)  # opened after: ends at once
     assert [chunk.split("\n", 1)[0] async for chunk in later] == ["retry: 1000", "event: shutdown"]
 
