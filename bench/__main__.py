@@ -91,9 +91,12 @@ async def main() -> int:
     http_lines, http_checks = await asyncio.to_thread(run_http)
     checks += [Check(*check) for check in http_checks]
     extra = [*stream_lines, *http_lines, *await remote_rows()]
+    from bench.sqlite import run as run_sqlite
+
+    sqlite_lines, sqlite_checks = await run_sqlite()
     pg_lines, pg_checks = await postgres_rows()
-    checks += [Check(*check) for check in pg_checks]
-    write_doc(rows, checks, cost, [*pg_lines, *extra])
+    checks += [Check(*check) for check in (*sqlite_checks, *pg_checks)]
+    write_doc(rows, checks, cost, [*sqlite_lines, *pg_lines, *extra])
     failed = [c for c in checks if not c.ok]
     for check in checks:
         verdict = "PASS" if check.ok else "FAIL"

@@ -47,7 +47,9 @@ async def asyncio_queue_ceiling(n: int, workers: int) -> float:
 
 async def fastworker_fastapi_throughput(n: int, workers: int) -> float:
     """Tasks/s of N trivial tasks submitted with `delay` and awaited with `wait`."""
-    fw = FastWorker(workers=InProcessWorkers(concurrency=workers), max_pending=n, max_results=n)
+    fw = FastWorker(
+        workers=InProcessWorkers(concurrency=workers), store="memory", max_pending=n, max_results=n
+    )
     async with fw.run() as client:
         start = time.perf_counter()
         ids = [await client.delay("bench_noop", i) for i in range(n)]
@@ -59,7 +61,9 @@ async def fastworker_fastapi_throughput(n: int, workers: int) -> float:
 
 async def delay_cost_us(n: int, rounds: int) -> float:
     """Median microseconds of one `delay()` call (workers drained between rounds)."""
-    fw = FastWorker(workers=InProcessWorkers(concurrency=8), max_pending=n, max_results=n)
+    fw = FastWorker(
+        workers=InProcessWorkers(concurrency=8), store="memory", max_pending=n, max_results=n
+    )
     samples: list[int] = []
     clock = time.perf_counter_ns
     async with fw.run() as client:

@@ -33,7 +33,7 @@ PHASE_BUDGET = 30.0  # seconds a fastworker phase may take before its unfinished
 
 async def ours(workers: RemoteWorkers, n: int) -> tuple[int, float]:
     """Correct results and seconds for N tasks through our RemoteWorkers executor."""
-    fw = FastWorker(workers=workers, max_pending=n, max_results=n)
+    fw = FastWorker(workers=workers, store="memory", max_pending=n, max_results=n)
     async with fw.run() as client:
         return await _ours(client, n)
 
@@ -54,7 +54,7 @@ async def ours_and_theirs(
 ) -> tuple[tuple[int, float], tuple[int, float]]:
     """Ours on one spawned plane, then fastworker's sequential client on that same plane."""
     workers = RemoteWorkers(spawn=1, python_path=[ROOT], lanes=lanes)
-    fw = FastWorker(workers=workers, max_pending=n, max_results=n)
+    fw = FastWorker(workers=workers, store="memory", max_pending=n, max_results=n)
     async with fw.run() as client:
         mine = await _ours(client, n)
         executor = cast(RemoteExecutor, client.scheduler.executor)

@@ -8,13 +8,12 @@ the live task list.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, status
+from fastapi import FastAPI, HTTPException, Path, Query, status
 from pydantic import BaseModel, Field
 
-from example_app import tasks
+from example_app import tasks, users
 from fastworker_fastapi import (
     FastWorker,
     InProcessWorkers,
@@ -50,10 +49,6 @@ class User(UserIn):
     id: int
     welcome_email_task_id: str
     welcome_email_sent: bool = False
-
-
-USERS: OrderedDict[int, User] = OrderedDict()
-MAX_USERS = 1000
 
 
 class Problem(BaseModel):
@@ -151,7 +146,7 @@ async def track(name: str, client: TaskClientDep) -> None:
 
 @app.post("/users", status_code=status.HTTP_201_CREATED, responses=errors(400))
 async def create_user(body: UserIn, client: TaskClientDep) -> User:
-    user_id = (next(reversed(USERS)) + 1) if USERS else 1
+    user_id = await users.create(body.name, body.email)
     task_id = await client.delay_with_callback(
         "send_welcome_email",
         "/hooks/welcome-sent",  # this app's own route, called in-process
@@ -159,27 +154,28 @@ async def create_user(body: UserIn, client: TaskClientDep) -> User:
         body.email,
         callback_data={"user_id": user_id},
     )
-    user = User(id=user_id, welcome_email_task_id=task_id, **body.model_dump())
-    USERS[user_id] = user
-    while len(USERS) > MAX_USERS:
-        USERS.popitem(last=False)
-    return user
+    await users.set_task(user_id, task_id)
+    return User(id=user_id, welcome_email_task_id=task_id, **body.model_dump())
+
+
+UserId = Annotated[int, Path(ge=1, le=2**62)]
 
 
 @app.get("/users/{user_id}", responses=errors(404))
-async def get_user(user_id: int) -> User:
-    user = USERS.get(user_id)
-    if user is None:
+async def get_user(user_id: UserId) -> User:
+    """Any worker process finds any user (the table is shared, like the task store)."""
+    user = await users.get(user_id)
+    if user is None or user["welcome_email_task_id"] is None:
         raise HTTPException(status_code=404, detail=f"no user {user_id}")
-    return user
+    return User(**user)
 
 
 @fw.callback_route("/hooks/welcome-sent", include_in_schema=False)
 async def welcome_sent(callback: TaskCallback) -> None:
     """Called by the extension when the email task is final (signed: forgeries get 401)."""
-    user = USERS.get(int((callback.callback_data or {}).get("user_id", 0)))
-    if user is not None and callback.status is TaskStatus.SUCCESS:
-        user.welcome_email_sent = True
+    user_id = int((callback.callback_data or {}).get("user_id", 0))
+    if callback.status is TaskStatus.SUCCESS:
+        await users.mark_sent(user_id)
 
 
 # -- 6. the status routes are mounted by the extension at /tasks ---------------------------

@@ -24,6 +24,7 @@ from fastworker_fastapi.errors import (
     InvalidTaskOptionsError,
     NotRunningError,
     QueueFullError,
+    ScheduleNotFoundError,
     ShuttingDownError,
     StoreUnavailableError,
     SubmissionError,
@@ -35,7 +36,9 @@ from fastworker_fastapi.errors import (
 )
 from fastworker_fastapi.extension import FastWorker
 from fastworker_fastapi.models import CallbackState, TaskInfo, TaskList
+from fastworker_fastapi.periodic import Schedule, ScheduleInfo, ScheduleList, schedule
 from fastworker_fastapi.progress import report_progress
+from fastworker_fastapi.stores import MemoryStore, SQLiteStore, TaskStore
 from fastworker_fastapi.tasks import BackgroundTask, TaskCall, background_task
 from fastworker_fastapi.workers import InProcessWorkers, RemoteWorkers
 
@@ -54,9 +57,15 @@ __all__ = [
     "InProcessWorkers",
     "InvalidTaskArgumentsError",
     "InvalidTaskOptionsError",
+    "MemoryStore",
     "NotRunningError",
     "QueueFullError",
     "RemoteWorkers",
+    "SQLiteStore",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleList",
+    "ScheduleNotFoundError",
     "ShuttingDownError",
     "StoreUnavailableError",
     "SubmissionError",
@@ -73,12 +82,14 @@ __all__ = [
     "TaskPriority",
     "TaskResult",
     "TaskStatus",
+    "TaskStore",
     "UnknownTaskError",
     "VerifiedCallback",
     "WaitTimeoutError",
     "background_task",
     "get_fastworker",
     "report_progress",
+    "schedule",
     "sign_callback",
     "verify_callback_signature",
 ]

@@ -31,8 +31,11 @@ import hmac
 import json
 import logging
 import math
+import re
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -42,10 +45,13 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastworker.tasks.models import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastworker_fastapi.errors import (
     CallbackSignatureError,
@@ -63,11 +69,15 @@ if TYPE_CHECKING:
     from fastworker_fastapi.stores.base import TaskStore
 
 __all__ = [
+    "ATTEMPT_HEADER",
+    "CALLBACK_CLIENT",
+    "CALLBACK_SCOPE_KEY",
     "DELIVERY_HEADER",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "CallbackDispatcher",
     "CallbackSettings",
+    "ReplayGuard",
     "TaskCallback",
     "VerifiedCallback",
     "sign_callback",
@@ -81,9 +91,14 @@ DELIVERY_HEADER = "X-FastWorker-Delivery"
 """The delivery id: the same on every attempt of one callback; dedupe on it."""
 TIMESTAMP_HEADER = "X-FastWorker-Timestamp"
 """Unix time (seconds) of the attempt; part of the signed content, so old messages go stale."""
-SIGNATURE_HEADER = "X-FastWorker-Signature"
-"""`v1=<hex HMAC-SHA256(secret, "{timestamp}.{delivery_id}." + body)>`."""
 ATTEMPT_HEADER = "X-FastWorker-Attempt"
+"""1 for the first attempt, 2 for the first retry, ...; signed, so a retry is a new message."""
+SIGNATURE_HEADER = "X-FastWorker-Signature"
+"""`v2=<hex HMAC-SHA256(key, lines "v2", timestamp, delivery id, attempt, target; body)>`."""
+CALLBACK_SCOPE_KEY = "fastworker.callback"
+"""`request.scope["extensions"]` key present only on in-process callback requests."""
+CALLBACK_CLIENT = ("fastworker.callback", 0)
+"""The client address of in-process callback requests: not loopback, not any IP."""
 
 _MAX_ADDRESS_LENGTH = 2048
 _USER_AGENT = "fastworker-fastapi callbacks"
@@ -98,16 +113,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 class CallbackSettings:
     """How completion callbacks are delivered: `FastWorker(app, callbacks=CallbackSettings(...))`.
 
-    - `secret`: key of the HMAC-SHA256 signature. Required for http(s) webhooks (receivers
-      must be able to tell our messages from forged ones). Without it, app-path callbacks are
-      signed with a random per-extension key, so `callback_route` still rejects forgeries.
+    - `secret`: key of the HMAC-SHA256 signature of webhooks. Required for http(s) webhooks
+      (receivers must be able to tell our messages from forged ones). App-path callbacks never
+      use it: they are signed with a random key that never leaves the process.
+    - `app_paths`: app paths that may receive callbacks besides the routes declared as
+      receivers (`fw.callback_route(...)`, routes with a `VerifiedCallback` parameter); any
+      other app path is refused at submission.
     - `allowed_hosts`: hosts that http(s) and tcp:// callbacks may go to (exact names or IPs,
       or `*.example.com` for subdomains). Empty: none. A callback address may come from user
       input; this keeps it from reaching internal hosts.
     - `loopback_listeners`: also allow `tcp://` callbacks to this host (`127.0.0.1`, `::1`,
       `localhost`), where FastWorker's callback listeners usually run (as in all of
-      FastWorker's own examples). Only nng Pair0 listeners can take such a message. On by
-      default; turn it off when callback addresses come from untrusted input.
+      FastWorker's own examples). Only nng Pair0 listeners can take such a message. Off by
+      default: turn it on only when callback addresses never come from untrusted input.
     - `max_attempts`: attempts per callback, the first included.
     - `retry_delay`, `retry_backoff`, `retry_backoff_max`: wait `retry_delay * retry_backoff **
       (n - 1)` seconds (at most `retry_backoff_max`) after the n-th failed attempt.
@@ -118,7 +136,10 @@ class CallbackSettings:
     - `signature_tolerance`: how old (or how far in the future) a signed timestamp may be
       before `callback_route` / `VerifiedCallback` reject the message as stale.
     - `app_base_url`: scheme and host of in-process requests to app paths (what
-      `request.url` shows; make it a host your `TrustedHostMiddleware` accepts).
+      `request.url` shows; make it a host your `TrustedHostMiddleware` accepts). By default a
+      reserved name (`.invalid`) that no real client can send as the app's own authority.
+    - `shutdown_timeout`: seconds callback delivery may take at shutdown, after the tasks
+      have drained; what is still undelivered then is kept (durable store) or recorded failed.
     """
 
     secret: str | bytes | None = None
@@ -131,8 +152,10 @@ class CallbackSettings:
     concurrency: int = 8
     max_queue: int = 10_000
     signature_tolerance: float = 300.0
-    app_base_url: str = "http://localhost"
-    loopback_listeners: bool = True
+    app_base_url: str = "http://fastworker.invalid"
+    loopback_listeners: bool = False
+    app_paths: Collection[str] = ()
+    shutdown_timeout: float = 5.0
     _hosts: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +184,20 @@ class CallbackSettings:
             _finite(self.signature_tolerance, 0),
             f"signature_tolerance must be >= 0, got {self.signature_tolerance!r}",
         )
+        _check(
+            _finite(self.shutdown_timeout, 0),
+            f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}",
+        )
+        if isinstance(self.app_paths, str):
+            raise ConfigurationError(
+                f"app_paths must be a collection of paths, not one string: use "
+                f"app_paths=({self.app_paths!r},)"
+            )
+        _check(
+            all(isinstance(p, str) and p.startswith("/") and "?" not in p for p in self.app_paths),
+            f"app_paths must be paths like '/hooks/done' (no query), got {self.app_paths!r}",
+        )
+        object.__setattr__(self, "app_paths", frozenset(self.app_paths))
         _check(
             self.secret is None or len(self.secret) > 0,
             "secret must not be empty; use None for no webhooks",
@@ -257,20 +294,73 @@ def _key(secret: str | bytes) -> bytes:
     return secret.encode() if isinstance(secret, str) else secret
 
 
-def _mac(key: bytes, timestamp: int, delivery_id: str, body: bytes) -> str:
-    signed = f"{timestamp}.{delivery_id}.".encode() + body
+def _mac(
+    key: bytes, timestamp: int, delivery_id: str, attempt: int, target: str, body: bytes
+) -> str:
+    # Newlines separate the fields: none of them can hold one (headers and callback addresses
+    # never do), so two different messages never sign the same bytes.
+    signed = f"v2\n{timestamp}\n{delivery_id}\n{attempt}\n{target}\n".encode() + body
     return hmac.new(key, signed, hashlib.sha256).hexdigest()
 
 
+class ReplayGuard:
+    """The signed messages a receiver accepted, kept until they go stale; bounded.
+
+    `verify_callback_signature` records each accepted message (its delivery id and attempt)
+    here and refuses the same message again while its timestamp is within the tolerance (after
+    that it is refused as stale anyway). At most `max_entries` are kept: beyond that the oldest
+    is forgotten, so size it above the callbacks you receive per tolerance window.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        if max_entries < 1:
+            raise ConfigurationError(f"max_entries must be >= 1, got {max_entries!r}")
+        self.max_entries = max_entries
+        self._seen: OrderedDict[str, float] = OrderedDict()  # key -> when it goes stale
+        self._lock = threading.Lock()  # sync endpoints verify from worker threads
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def accept(self, key: str, *, stale_at: float, now: float) -> bool:
+        """Record `key`; False if it was already recorded and is not stale yet."""
+        with self._lock:
+            seen = self._seen
+            while seen:
+                oldest, expiry = next(iter(seen.items()))
+                if expiry > now:
+                    break
+                del seen[oldest]
+            previous = seen.get(key)
+            if previous is not None and previous > now:
+                return False
+            seen[key] = stale_at
+            seen.move_to_end(key)
+            if len(seen) > self.max_entries:
+                seen.popitem(last=False)
+            return True
+
+
+_default_guard = ReplayGuard()
+
+
 def sign_callback(
-    secret: str | bytes, body: bytes, *, delivery_id: str, timestamp: int | None = None
+    secret: str | bytes,
+    body: bytes,
+    *,
+    delivery_id: str,
+    target: str,
+    attempt: int = 1,
+    timestamp: int | None = None,
 ) -> dict[str, str]:
-    """The signature headers for `body`; what the sender adds (useful to test receivers)."""
+    """The signature headers for `body` sent to `target` (the callback address: an app path
+    or a webhook URL); what the sender adds, useful to test receivers."""
     ts = int(time.time()) if timestamp is None else int(timestamp)
     return {
         DELIVERY_HEADER: delivery_id,
         TIMESTAMP_HEADER: str(ts),
-        SIGNATURE_HEADER: f"v1={_mac(_key(secret), ts, delivery_id, body)}",
+        ATTEMPT_HEADER: str(attempt),
+        SIGNATURE_HEADER: f"v2={_mac(_key(secret), ts, delivery_id, attempt, target, body)}",
     }
 
 
@@ -279,38 +369,53 @@ def verify_callback_signature(
     body: bytes,
     headers: Mapping[str, str],
     *,
+    target: str,
     tolerance: float = 300.0,
     now: float | None = None,
+    replay_guard: ReplayGuard | None = None,
 ) -> str:
     """Check a received callback and return its delivery id; `CallbackSignatureError` if not.
 
-    Give the raw body (before JSON parsing) and the request headers. The signature covers
-    the timestamp, the delivery id and the body, so none can be changed; a timestamp more
-    than `tolerance` seconds from now is refused as stale (a replay).
+    Give the raw body (before JSON parsing), the request headers and `target`: the callback
+    address this receiver was registered under (its URL exactly as given to
+    `delay_with_callback`). The signature covers the timestamp, the delivery id, the attempt,
+    the target and the body, so none can be changed and a message sent to one receiver is
+    refused by another; a timestamp more than `tolerance` seconds from now is refused as
+    stale, and a message already accepted (same delivery id and attempt) as a replay.
+    Accepted messages are remembered in `replay_guard` (by default one per process).
     """
     lowered = {k.lower(): v for k, v in headers.items()}
     values = []
-    for name in (DELIVERY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER):
+    for name in (DELIVERY_HEADER, TIMESTAMP_HEADER, ATTEMPT_HEADER, SIGNATURE_HEADER):
         value = lowered.get(name.lower())
         if not value:
             raise CallbackSignatureError(f"missing {name} header: not a signed callback")
         values.append(value)
-    delivery_id, raw_ts, signature = values
+    delivery_id, raw_ts, raw_attempt, signature = values
     try:
-        timestamp = int(raw_ts)
+        timestamp, attempt = int(raw_ts), int(raw_attempt)
     except ValueError:
-        raise CallbackSignatureError(f"{TIMESTAMP_HEADER} is not a Unix time: {raw_ts!r}") from None
-    expected = _mac(_key(secret), timestamp, delivery_id, body)
-    offered = [p.strip()[3:] for p in signature.split(",") if p.strip().startswith("v1=")]
+        raise CallbackSignatureError(
+            f"{TIMESTAMP_HEADER} and {ATTEMPT_HEADER} must be integers, got {raw_ts!r} and "
+            f"{raw_attempt!r}"
+        ) from None
+    expected = _mac(_key(secret), timestamp, delivery_id, attempt, target, body)
+    offered = [p.strip()[3:] for p in signature.split(",") if p.strip().startswith("v2=")]
     if not any(hmac.compare_digest(expected, candidate) for candidate in offered):
         raise CallbackSignatureError(
-            "callback signature does not match: wrong secret, or the body or headers were changed"
+            f"callback signature does not match: wrong secret, sent to another target than "
+            f"{target!r}, or the body or headers were changed"
         )
     current = time.time() if now is None else now
     if abs(current - timestamp) > tolerance:
         raise CallbackSignatureError(
             f"stale callback: signed {current - timestamp:.0f}s from now, beyond the "
             f"{tolerance:g}s tolerance (a replay, or clocks out of sync)"
+        )
+    guard = _default_guard if replay_guard is None else replay_guard
+    if not guard.accept(f"{delivery_id}\n{attempt}", stale_at=timestamp + tolerance, now=current):
+        raise CallbackSignatureError(
+            f"replayed callback: delivery {delivery_id!r} (attempt {attempt}) was already accepted"
         )
     return delivery_id
 
@@ -329,11 +434,18 @@ def _dispatcher_of(request: Request) -> CallbackDispatcher:
     return dispatcher
 
 
+def _request_target(request: Request) -> str:
+    """The target a request was sent to, as the in-process sender signs it."""
+    query = request.scope.get("query_string", b"")
+    path: str = request.scope["path"]
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
 async def verified_callback(request: Request) -> TaskCallback:
     """Dependency: the request's `TaskCallback`, after checking its signature (401 if bad)."""
     dispatcher = _dispatcher_of(request)
     body = await request.body()
-    dispatcher.verify_request(body, request.headers)
+    dispatcher.verify_request(body, request)
     try:
         return TaskCallback.model_validate_json(body)
     except ValidationError as exc:
@@ -377,13 +489,15 @@ class CallbackDispatcher:
 
     def __init__(self, settings: CallbackSettings) -> None:
         self.settings = settings
-        # Without a configured secret, app-path callbacks are still signed, with a key that
-        # lives as long as this extension, so their receiving routes reject forgeries.
-        self._key = (
-            _key(settings.secret) if settings.secret is not None else secrets.token_bytes(32)
-        )
+        # Webhooks are signed with the configured secret, which their receivers hold. App-path
+        # callbacks are posted by this process to its own app, so they are signed with a key
+        # that never leaves it: holding the webhook secret is no help in forging them.
+        self._webhook_key = _key(settings.secret) if settings.secret is not None else None
+        self._app_key = secrets.token_bytes(32)
+        self._guard = ReplayGuard()
         self._started = False
         self._app: Starlette | None = None
+        self._receivers: tuple[int, list[re.Pattern[str]]] = (-1, [])
 
     # -- submission -------------------------------------------------------------------------
 
@@ -411,6 +525,13 @@ class CallbackDispatcher:
                     f"app-path callback {address!r} needs the extension attached to an app "
                     "(FastWorker(app) or fw.init_app(app))"
                 )
+            path = _app_url(address).path  # what the app will see: dot segments resolved
+            if path not in self.settings.app_paths and not self._is_receiver(path):
+                raise InvalidTaskOptionsError(
+                    f"app-path callback {address!r} does not go to a callback receiver: declare "
+                    "the route with fw.callback_route(...) or a `callback: VerifiedCallback` "
+                    "parameter, or list the path in CallbackSettings(app_paths=...)"
+                )
             return "app"
         try:
             parts = urlsplit(address)
@@ -429,9 +550,15 @@ class CallbackDispatcher:
             )
         loopback_ok = scheme == "tcp" and self.settings.loopback_listeners
         if not (loopback_ok and host.lower() in _LOOPBACK) and not self.settings.host_allowed(host):
+            hint = ""
+            if scheme == "tcp" and host.lower() in _LOOPBACK:
+                hint = (
+                    " (or, when callback addresses never come from untrusted input, "
+                    "CallbackSettings(loopback_listeners=True))"
+                )
             raise InvalidTaskOptionsError(
                 f"callback host {host!r} is not allowed: add it to "
-                "CallbackSettings(allowed_hosts=...) if it is meant to receive callbacks"
+                f"CallbackSettings(allowed_hosts=...) if it is meant to receive callbacks{hint}"
             )
         if scheme == "tcp":
             if port is None or parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -448,16 +575,48 @@ class CallbackDispatcher:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def verify(self, body: bytes, headers: Mapping[str, str]) -> str:
-        """`verify_callback_signature` with this extension's key and tolerance."""
-        return verify_callback_signature(
-            self._key, body, headers, tolerance=self.settings.signature_tolerance
+    def _is_receiver(self, path: str) -> bool:
+        """True if a POST route declared as a callback receiver matches `path`."""
+        app = self._app
+        assert app is not None
+        routes = app.router.routes
+        count, patterns = self._receivers
+        if count != len(routes):  # routes were added: look again
+            patterns = [
+                route.path_regex
+                for route in routes
+                if isinstance(route, APIRoute)
+                and "POST" in (route.methods or ())
+                and _declares_receiver(route.dependant)
+            ]
+            self._receivers = (len(routes), patterns)
+        return any(pattern.match(path) for pattern in patterns)
+
+    def sign(
+        self, body: bytes, *, delivery_id: str, target: str, timestamp: int | None = None
+    ) -> dict[str, str]:
+        """The headers of an app-path callback to `target`, signed with this start's app key:
+        what the in-process sender adds; use it to test receiving routes."""
+        return sign_callback(
+            self._app_key, body, delivery_id=delivery_id, target=target, timestamp=timestamp
         )
 
-    def verify_request(self, body: bytes, headers: Mapping[str, str]) -> str:
-        """`verify`, answering 401 (whatever exception handlers the app has)."""
+    def verify(self, body: bytes, headers: Mapping[str, str], *, target: str) -> str:
+        """Check an app-path callback sent to `target` (the path and query the request was
+        sent to) with this extension's app key, tolerance and replay guard."""
+        return verify_callback_signature(
+            self._app_key,
+            body,
+            headers,
+            target=target,
+            tolerance=self.settings.signature_tolerance,
+            replay_guard=self._guard,
+        )
+
+    def verify_request(self, body: bytes, request: Request) -> str:
+        """`verify` for `request`, answering 401 (whatever exception handlers the app has)."""
         try:
-            return self.verify(body, headers)
+            return self.verify(body, request.headers, target=_request_target(request))
         except CallbackSignatureError as exc:
             raise HTTPException(status_code=401, detail=str(exc)) from None
 
@@ -472,7 +631,9 @@ class CallbackDispatcher:
             )
 
         async def verify(request: Request) -> None:
-            self.verify_request(await request.body(), request.headers)
+            self.verify_request(await request.body(), request)
+
+        verify._fastworker_receiver = True  # type: ignore[attr-defined]
 
         dependencies = [Depends(verify), *options.pop("dependencies", ())]
 
@@ -504,10 +665,14 @@ class CallbackDispatcher:
         self._webhooks = httpx.AsyncClient(
             timeout=settings.timeout, follow_redirects=False, limits=limits, headers=headers
         )
+        self._sockets: set[Any] = set()  # tcp:// sends in flight, closed when time is up
+        self._app_key = secrets.token_bytes(32)  # a new one each start
         self._in_app: httpx.AsyncClient | None = None
         if app is not None:
             self._in_app = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                transport=httpx.ASGITransport(
+                    app=_MarkCallbacks(app), raise_app_exceptions=False, client=CALLBACK_CLIENT
+                ),
                 base_url=settings.app_base_url,
                 headers=headers,
             )
@@ -515,12 +680,14 @@ class CallbackDispatcher:
         task_group.start_soon(self._main)
         self._started = True
 
-    async def aclose(self, deadline: float) -> None:
-        """Deliver what is pending until `deadline` (anyio clock), then record the rest failed."""
+    async def aclose(self) -> None:
+        """Deliver what is pending within `settings.shutdown_timeout`, then keep the rest in
+        the outbox (durable store) or record it failed; called after the tasks have drained."""
         if not self._started:
             return
         self._started = False
         self._closing = True
+        deadline = anyio.current_time() + self.settings.shutdown_timeout
         self._deadline = deadline
         for job in tuple(self._waiting):  # last chance: retry now rather than after a backoff
             assert job.wake is not None
@@ -530,6 +697,8 @@ class CallbackDispatcher:
         with anyio.CancelScope(deadline=deadline):
             await self._drained.wait()
         self._remove_listener()
+        for sock in tuple(self._sockets):  # an unreachable listener does not hold shutdown
+            sock.close()
         self._scope.cancel()
         await self._stopped.wait()
         with anyio.CancelScope(shield=True):
@@ -539,7 +708,8 @@ class CallbackDispatcher:
                     continue
                 await self._fail(
                     job,
-                    f"still pending at shutdown when shutdown_timeout ran out "
+                    f"still pending at shutdown when CallbackSettings.shutdown_timeout "
+                    f"({self.settings.shutdown_timeout:g}s) ran out "
                     f"(after {job.delivery.attempts} attempts)",
                 )
         self._send.close()
@@ -644,10 +814,16 @@ class CallbackDispatcher:
             self._finish(job)
 
     async def _post(self, job: _Job, timeout: float) -> None:
-        client = self._in_app if job.kind == "app" else self._webhooks
-        assert client is not None
-        headers = sign_callback(self._key, job.body, delivery_id=job.id)
-        headers[ATTEMPT_HEADER] = str(job.delivery.attempts)
+        key: bytes | None = self._webhook_key
+        client: httpx.AsyncClient | None = self._webhooks
+        target = job.address
+        if job.kind == "app":
+            client, key = self._in_app, self._app_key
+            target = _app_target(_app_url(job.address))
+        assert client is not None and key is not None
+        headers = sign_callback(
+            key, job.body, delivery_id=job.id, target=target, attempt=job.delivery.attempts
+        )
         headers["content-type"] = "application/json"
         request = client.build_request(
             "POST", job.address, content=job.body, headers=headers, timeout=timeout
@@ -670,15 +846,21 @@ class CallbackDispatcher:
         import pynng  # here: apps without tcp:// callbacks never load nng
 
         with pynng.Pair0() as sock:
+            self._sockets.add(sock)  # aclose closes it when the shutdown budget is spent
             # A non-blocking dial: a blocking one would stall the event loop on a slow host;
             # without a peer, the send waits (nng keeps dialing) until the timeout.
             sock.dial(job.address, block=False)
             # pynng turns an anyio cancellation into a bare CancelledError that escapes anyio's
             # scopes, so the send runs shielded, bounded by asyncio's own timeout (which pynng
             # handles); `timeout` is already clipped to the shutdown deadline.
-            with anyio.CancelScope(shield=True):
-                async with asyncio.timeout(timeout):
-                    await sock.asend(job.body)
+            try:
+                with anyio.CancelScope(shield=True):
+                    async with asyncio.timeout(timeout):
+                        await sock.asend(job.body)
+            except pynng.Closed:
+                raise _AttemptError("not sent: shutdown_timeout for callbacks ran out") from None
+            finally:
+                self._sockets.discard(sock)
 
     async def _failed_attempt(self, job: _Job, error: str, *, final: bool = False) -> None:
         delivery = job.delivery
@@ -720,6 +902,43 @@ class CallbackDispatcher:
         self._jobs.pop(job.id, None)
         if self._closing and not self._jobs:
             self._drained.set()
+
+
+def _app_url(address: str) -> httpx.URL:
+    """The URL an app path is requested at (as httpx sends it: dot segments resolved)."""
+    return httpx.URL("http://app" + address)
+
+
+def _app_target(url: httpx.URL) -> str:
+    """What an app-path callback's signature covers: the path and query the app sees."""
+    query = url.query.decode("ascii")
+    return f"{url.path}?{query}" if query else url.path
+
+
+def _declares_receiver(dependant: Dependant) -> bool:
+    """True if a route's dependencies include the callback check (`VerifiedCallback`, or
+    the one `callback_route` adds)."""
+    for dependency in dependant.dependencies:
+        call = dependency.call
+        if call is verified_callback or getattr(call, "_fastworker_receiver", False):
+            return True
+        if _declares_receiver(dependency):
+            return True
+    return False
+
+
+class _MarkCallbacks:
+    """Wraps the app for in-process callback requests: adds the `fastworker.callback` scope
+    extension (which no outside client can set) with the delivery id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", ()))
+        mark = {"delivery_id": headers.get(DELIVERY_HEADER.lower().encode(), b"").decode("latin-1")}
+        extensions = {**(scope.get("extensions") or {}), CALLBACK_SCOPE_KEY: mark}
+        await self.app({**scope, "extensions": extensions}, receive, send)
 
 
 async def _read_some(response: httpx.Response, limit: int) -> str:

@@ -31,7 +31,7 @@ from fastworker_fastapi.errors import (
     WaitTimeoutError,
 )
 from fastworker_fastapi.models import TaskInfo, task_info
-from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord, utcnow
+from fastworker_fastapi.records import FINAL_STATUSES, TaskRecord, is_final, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -175,7 +175,13 @@ class TaskClient:
         **kwargs: Any,
     ) -> str:
         """Submit a task and return its id at once (the task runs in the background)."""
-        return await self._submit(task_name, args, kwargs, priority, eta, countdown)
+        scheduler = self._scheduler  # `_submit`, inlined: this is the hot path
+        if scheduler is None:
+            _not_started()
+        record, definition, wait = self._prepare(task_name, args, kwargs, priority, eta, countdown)
+        if not scheduler.submit_now(record, definition, wait):
+            await scheduler.submit(record, definition, wait)
+        return record.id
 
     async def delay_with_callback(
         self,
@@ -274,6 +280,9 @@ class TaskClient:
         hub = self._hub
         if store is None or hub is None:
             _not_started()
+        record = store.peek(task_id)
+        if record is not None and is_final(record.status):  # already done: no waiter
+            return record.to_task_result()
         waiter = hub.final_waiter(task_id)  # first, so a change during the read is not missed
         try:
             record = await store.get(task_id)
@@ -312,7 +321,8 @@ class TaskClient:
         record, definition, delay = self._prepare(
             task_name, args, kwargs, priority, eta, countdown, callback_address, callback_data
         )
-        await scheduler.submit(record, definition, delay)
+        if not scheduler.submit_now(record, definition, delay):
+            await scheduler.submit(record, definition, delay)
         return record.id
 
     def _prepare(

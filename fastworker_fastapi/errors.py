@@ -13,6 +13,7 @@ FastWorkerError                       status_code
 │       ├── QueueFullError
 │       └── ShuttingDownError
 ├── TaskNotFoundError                 404  unknown or expired task id
+├── ScheduleNotFoundError             404  no periodic schedule of that name
 ├── TaskAlreadyFinishedError          409  cancelling a task that already finished
 ├── CallbackSignatureError            401  a received callback is forged, altered or stale
 └── WaitTimeoutError                  504  `wait()` gave up before the task finished
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidTaskOptionsError",
     "NotRunningError",
     "QueueFullError",
+    "ScheduleNotFoundError",
     "ShuttingDownError",
     "StoreUnavailableError",
     "SubmissionError",
@@ -108,6 +110,12 @@ class ShuttingDownError(CapacityError):
 
 class TaskNotFoundError(FastWorkerError, LookupError):
     """No task with this id: it never existed or its result has expired."""
+
+    status_code = 404
+
+
+class ScheduleNotFoundError(FastWorkerError, LookupError):
+    """No periodic schedule of this name in this app (`fw.schedule(...)`, `cron=`...)."""
 
     status_code = 404
 

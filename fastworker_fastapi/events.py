@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastworker_fastapi.models import task_json
-from fastworker_fastapi.records import FINAL_STATUSES
+from fastworker_fastapi.records import is_final
 
 if TYPE_CHECKING:
     from fastworker_fastapi.records import TaskRecord
@@ -269,14 +269,14 @@ class EventHub:
         if remote and self._remote_listeners:
             for listener in self._remote_listeners:
                 self._call(listener, record)
-        if self._waiters and record.status in FINAL_STATUSES:
+        if self._waiters and is_final(record.status):
             for future in self._waiters.pop(record.id, ()):
                 if not future.done():
                     future.set_result(record)
         if self._listeners:
             for listener in self._listeners:  # never mutated in place: see add_listener
                 self._call(listener, record)
-        if self._final_listeners and record.status in FINAL_STATUSES:
+        if self._final_listeners and is_final(record.status):
             for listener, when in self._final_listeners:
                 if when is None or getattr(record, when) is not None:
                     self._call(listener, record)

@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 from fastapi import FastAPI
@@ -36,6 +36,7 @@ from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
 from fastworker_fastapi.errors import ConfigurationError, FastWorkerError
 from fastworker_fastapi.events import EventHub
+from fastworker_fastapi.periodic import PeriodicTasks, Schedule, ScheduleOptions
 from fastworker_fastapi.progress import ProgressPublisher
 from fastworker_fastapi.routes import RouteSettings, build_router
 from fastworker_fastapi.scheduler import Scheduler
@@ -149,10 +150,18 @@ class FastWorker(ClientMethods):
         self.callbacks = CallbackDispatcher(
             callbacks if callbacks is not None else CallbackSettings()
         )
+        self.periodic = PeriodicTasks()  # this app's periodic schedules; see docs/periodic.md
         self.app: Starlette | None = None
         self._hub: EventHub | None = None
         if app is not None:
             self.init_app(app)
+
+    def schedule(
+        self, task: Callable[..., Any] | str, /, **options: Unpack[ScheduleOptions]
+    ) -> Schedule:
+        """Run `task` periodically in this app, once per due time across its processes:
+        `fw.schedule(cleanup, cron="0 3 * * *", tz="Europe/Paris")` (options: `schedule`)."""
+        return self.periodic.schedule(task, **options)
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -180,6 +189,7 @@ class FastWorker(ClientMethods):
                     event_heartbeat=self.event_heartbeat,
                     event_buffer=self.event_buffer,
                     app_router=app.router,
+                    schedules=self.periodic,
                 ),
             )
             if isinstance(app, FastAPI):
@@ -235,6 +245,7 @@ class FastWorker(ClientMethods):
                 self.client._bind(scheduler, self.callbacks.validate_address)
                 with progress.bind():  # the workers started here report to it
                     await scheduler.start(task_group)
+                    await self.periodic.start(self.client, task_group)
                 _context.mark_running(self.client)
                 self._hub = hub
                 server_exiting = _server_shutdown.find_server_exit_flag()
@@ -247,10 +258,11 @@ class FastWorker(ClientMethods):
             finally:
                 _context.mark_stopped(self.client)
                 self._hub = None
+                self.periodic.stop()
                 with anyio.CancelScope(shield=True):
-                    deadline = anyio.current_time() + self.shutdown_timeout
                     await scheduler.shutdown(self.shutdown_timeout)
-                    await self.callbacks.aclose(deadline)  # after the drain: its callbacks too
+                    # After the drain (its callbacks too), within the callbacks' own budget.
+                    await self.callbacks.aclose()
                     await executor.aclose()
                     await store.close()
                     hub.close()

@@ -25,11 +25,21 @@ __all__ = [
     "CallbackDelivery",
     "TaskPolicy",
     "TaskRecord",
+    "is_final",
     "new_delivery",
     "utcnow",
 ]
 
 FINAL_STATUSES = frozenset({TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED})
+_SUCCESS, _FAILURE, _CANCELLED = TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED
+
+
+def is_final(status: TaskStatus) -> bool:
+    """`status in FINAL_STATUSES`, by identity: an enum's hash is computed in Python, and
+    this test runs several times per task."""
+    return status is _SUCCESS or status is _FAILURE or status is _CANCELLED
+
+
 WAITING_STATUSES = frozenset(
     {TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.SCHEDULED, TaskStatus.RETRYING}
 )
@@ -127,11 +137,11 @@ class TaskRecord:
 
     @property
     def finished(self) -> bool:
-        return self.status in FINAL_STATUSES
+        return is_final(self.status)
 
     def to_task_result(self) -> TaskResult:
         """FastWorker's view: `PENDING` until final, whatever the finer state."""
-        if self.status not in FINAL_STATUSES:
+        if not is_final(self.status):
             return _task_result(self.id, TaskStatus.PENDING, None, None, None, None, self.callback)
         return _task_result(
             self.id,

@@ -28,6 +28,7 @@ from fastworker_fastapi.dashboard import add_dashboard_route
 from fastworker_fastapi.errors import NotRunningError, TaskNotFoundError
 from fastworker_fastapi.live import add_event_routes
 from fastworker_fastapi.models import TaskInfo, TaskList, task_json
+from fastworker_fastapi.periodic import PeriodicTasks, add_schedule_routes
 
 __all__ = ["ErrorDetail", "RouteSettings", "build_router"]
 
@@ -49,6 +50,7 @@ class RouteSettings:
     event_heartbeat: float = 15.0
     event_buffer: int = 256
     app_router: Router | None = None  # the app's own routes there take precedence
+    schedules: PeriodicTasks | None = None
 
 
 TaskId = Annotated[UUID, Path(description="The id returned by delay() / submit_task().")]
@@ -110,6 +112,8 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
     )
     if settings.dashboard:
         add_dashboard_route(router)
+    if settings.schedules is not None:
+        add_schedule_routes(router, running, settings.schedules, _ERRORS)
 
     @router.get(
         "/{task_id:uuid}",

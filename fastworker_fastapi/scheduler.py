@@ -36,6 +36,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ from fastworker_fastapi.errors import (
     ShuttingDownError,
     TaskFailed,
 )
-from fastworker_fastapi.records import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord
+from fastworker_fastapi.records import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord, is_final
 from fastworker_fastapi.stores.base import final_changes, interrupted_changes
 
 if TYPE_CHECKING:
@@ -139,6 +140,10 @@ class Scheduler:
         self._sweeper: anyio.CancelScope | None = None
         self._closing = False
         self.accepting = False
+        # Stores that never wait (memory) also offer their writes as plain calls.
+        self._add = getattr(store, "add", None)
+        self._mark_running = getattr(store, "mark_running", None)
+        self._mark_succeeded = getattr(store, "mark_succeeded", None)
 
     @property
     def owner(self) -> str:
@@ -234,6 +239,22 @@ class Scheduler:
                 "try again later"
             )
 
+    def submit_now(self, record: TaskRecord, definition: TaskDefinition, delay: float) -> bool:
+        """`submit` without awaiting, when the store never waits (memory); False otherwise
+        (nothing done: await `submit`)."""
+        add = self._add
+        if add is None:
+            return False
+        runs = self._runs
+        if not self.accepting or len(runs) >= self.max_pending:
+            self.check_capacity()
+        record.owner = self.store.owner  # still being built: nobody else holds it yet
+        record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
+        add((record,))
+        run = runs[record.id] = _Run(record, definition)
+        self._place(run, delay)
+        return True
+
     async def submit(self, record: TaskRecord, definition: TaskDefinition, delay: float) -> None:
         """Record a validated task (owned by this process) and queue it, or raise."""
         runs = self._runs
@@ -249,6 +270,29 @@ class Scheduler:
             del runs[record.id]
             raise
         self._place(run, delay)
+
+    async def submit_unique(
+        self, record: TaskRecord, definition: TaskDefinition, delay: float
+    ) -> bool:
+        """Like `submit`, but only if no task with `record.id` exists in the store (which
+        every process sharing it sees): True when this call created and placed it."""
+        self.check_capacity()
+        if record.id in self._runs:
+            return False
+        record.owner = self.store.owner
+        record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
+        run = _Run(record, definition)
+        self._runs[record.id] = run
+        try:
+            added = await self.store.insert_if_absent(record)
+        except BaseException:
+            del self._runs[record.id]
+            raise
+        if not added:
+            del self._runs[record.id]
+            return False
+        self._place(run, delay)
+        return True
 
     async def submit_many(
         self, prepared: Sequence[tuple[TaskRecord, TaskDefinition, float]]
@@ -396,7 +440,7 @@ class Scheduler:
             self._runs.pop(record.id, None)
             return False
         run.record = updated
-        if updated.status in FINAL_STATUSES or updated.owner != record.owner:
+        if is_final(updated.status) or updated.owner != record.owner:
             self._runs.pop(record.id, None)
         return True
 
@@ -433,6 +477,8 @@ class Scheduler:
         assert runner is not None and self._loop is not None
         queues = self._queues
         update = self.store.update
+        update_nowait = getattr(self.store, "update_nowait", None)
+        mark_running, mark_succeeded = self._mark_running, self._mark_succeeded
         run_task = self.executor.run
         acquire = getattr(self.executor, "acquire", None)
         release = getattr(self.executor, "release", None)
@@ -472,14 +518,33 @@ class Scheduler:
                 run.stage = STARTING
                 record = run.record
                 owner = record.owner
-                updated = await update(
-                    record.id,
-                    owner,
-                    record.attempts,
-                    status=_RUNNING,
-                    started_at=_now(UTC),
-                    attempts=record.attempts + 1,
-                )
+                started = _now(UTC)
+                updated: TaskRecord | None
+                if mark_running is not None:
+                    updated = mark_running(record.id, owner, record.attempts, started)
+                elif update_nowait is not None and run.reason is None:
+                    # The store applies our writes in order: queue RUNNING and go on; should
+                    # it not match (the task was taken over), the final write will not either.
+                    update_nowait(
+                        record.id,
+                        owner,
+                        record.attempts,
+                        status=_RUNNING,
+                        started_at=started,
+                        attempts=record.attempts + 1,
+                    ).add_done_callback(_consume)
+                    updated = replace(
+                        record, status=_RUNNING, started_at=started, attempts=record.attempts + 1
+                    )
+                else:
+                    updated = await update(
+                        record.id,
+                        owner,
+                        record.attempts,
+                        status=_RUNNING,
+                        started_at=started,
+                        attempts=record.attempts + 1,
+                    )
                 if updated is None or run.reason is not None:
                     if slot is not None and release is not None:
                         release(slot)
@@ -529,14 +594,19 @@ class Scheduler:
                         or (kind is str and len(value) < small and value.isascii())
                     )
                 ):  # the common case, inline: a plain value, nothing else to write
-                    if await update(
-                        record.id,
-                        owner,
-                        record.attempts,
-                        status=_SUCCESS,
-                        result=value,
-                        completed_at=_now(UTC),
-                    ):
+                    done = (
+                        mark_succeeded(record.id, owner, record.attempts, value, _now(UTC))
+                        if mark_succeeded is not None
+                        else await update(
+                            record.id,
+                            owner,
+                            record.attempts,
+                            status=_SUCCESS,
+                            result=value,
+                            completed_at=_now(UTC),
+                        )
+                    )
+                    if done:
                         del self._runs[record.id]
                     else:
                         self._runs.pop(record.id, None)
@@ -685,6 +755,12 @@ class Scheduler:
         if record.eta is not None and record.status is not TaskStatus.QUEUED:
             delay = (record.eta - _now(UTC)).total_seconds()
         self._place(run, delay)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a write nobody awaits (its failure is logged, not lost)."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("a task status write failed: %s", future.exception())
 
 
 class _TimedOut(Exception):  # an internal signal: it never escapes the scheduler

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from fastworker.tasks.models import TaskPriority, TaskResult
@@ -26,6 +26,7 @@ from fastworker_fastapi.records import TaskPolicy
 
 if TYPE_CHECKING:
     from fastworker_fastapi.client import TaskClient
+    from fastworker_fastapi.periodic import MissedPolicy
 
 __all__ = ["BackgroundTask", "TaskCall", "TaskDefinition", "TaskRegistry", "background_task"]
 
@@ -207,6 +208,12 @@ def background_task(
     retry_delay: float = 60.0,
     retry_backoff: float = 2.0,
     retry_backoff_max: float = 3600.0,
+    cron: str | None = None,
+    every: timedelta | float | None = None,
+    tz: str | tzinfo | None = None,
+    jitter: float | timedelta | None = None,
+    enabled: bool | None = None,
+    missed: MissedPolicy | None = None,
 ) -> Callable[[Callable[P, R]], BackgroundTask[P, R]]: ...
 
 
@@ -221,17 +228,36 @@ def background_task[**P, R](
     retry_delay: float = 60.0,
     retry_backoff: float = 2.0,
     retry_backoff_max: float = 3600.0,
+    cron: str | None = None,
+    every: timedelta | float | None = None,
+    tz: str | tzinfo | None = None,
+    jitter: float | timedelta | None = None,
+    enabled: bool | None = None,
+    missed: MissedPolicy | None = None,
 ) -> BackgroundTask[P, R] | Callable[[Callable[P, R]], BackgroundTask[P, R]]:
     """Register a sync or async function as a background task.
 
     Use it bare (`@background_task`, registered under the function's name) or with options
     (`@background_task(name="reports.build", max_retries=3, timeout=60)`). Sync functions
     run in worker threads, async ones on the event loop; neither blocks the app.
+
+    `cron="*/5 * * * *"` or `every=timedelta(minutes=5)` also runs it periodically, once
+    per due time across every process sharing the store; `tz`, `jitter`, `enabled` and
+    `missed` tune that schedule (see `schedule()` in docs/periodic.md, which also takes
+    arguments for the runs).
     """
     from fastworker_fastapi.client import parse_priority
 
     policy = _make_policy(timeout, max_retries, retry_delay, retry_backoff, retry_backoff_max)
     default_priority = parse_priority(priority)
+    extra = {
+        key: value
+        for key, value in (("tz", tz), ("jitter", jitter), ("enabled", enabled), ("missed", missed))
+        if value is not None
+    }
+    periodic: dict[str, Any] = {}
+    if cron is not None or every is not None:
+        periodic = {"cron": cron, "every": every, **extra}
 
     def decorate(f: Callable[P, R]) -> BackgroundTask[P, R]:
         if not callable(f):
@@ -244,7 +270,17 @@ def background_task[**P, R](
             priority=default_priority,
         )
         registry.register(definition)
-        return BackgroundTask(definition)
+        handle: BackgroundTask[P, R] = BackgroundTask(definition)
+        if periodic:
+            from fastworker_fastapi.periodic import schedule
+
+            schedule(handle, **periodic)
+        elif extra:
+            raise ConfigurationError(
+                f"@background_task: {', '.join(sorted(extra))} apply to a schedule;"
+                " give cron= or every= too"
+            )
+        return handle
 
     if func is not None:
         return decorate(func)

@@ -5,7 +5,8 @@ Written from that example's behaviour (not copied): tasks declared with fastwork
 glue's convenience methods (`fw.delay`, `fw.submit_task`, `fw.delay_with_callback`,
 `fw.submit_batch`, `fw.get_task_result`, `fw.get_result`, `fw.cancel_task`,
 `fw.worker_count`), with its own `/tasks/...` routes next to the extension's. The one line
-that differs from an app written for fastworker is the import of `FastWorker`.
+that differs from an app written for fastworker is the import of `FastWorker` (and one
+setting for its local callback listener).
 
 Task names carry an `fwx_` prefix only because the test process also imports our own
 example app, whose task names are the same.
@@ -19,10 +20,12 @@ from fastapi import FastAPI
 from fastworker import task
 from fastworker.tasks.models import TaskPriority
 
-from fastworker_fastapi import FastWorker  # was: fastworker.integration.fastapi
+from fastworker_fastapi import CallbackSettings, FastWorker  # was: fastworker.integration...
 
 app = FastAPI(title="fastworker's FastAPI example, on fastworker-fastapi")
-fw = FastWorker(app)
+# The one change besides the import: tcp:// callbacks to this host are opt-in (see
+# docs/callbacks.md, "Threat model"); this example's listener address is fixed in the code.
+fw = FastWorker(app, callbacks=CallbackSettings(loopback_listeners=True))
 
 CALLBACK_ADDRESS = "tcp://127.0.0.1:6000"  # a FastWorker callback listener (tests rebind it)
 TEMP_FILES_REMOVED = 42

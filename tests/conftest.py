@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ from fastworker_fastapi._control_plane import ControlPlaneProcess
 from tests._postgres import PostgresServer
 
 TESTS_DIR = Path(__file__).parent
+# The example app's users table: in a folder of its own, not in the checkout.
+os.environ.setdefault("EXAMPLE_USERS_DB", str(Path(tempfile.mkdtemp()) / "users.db"))
 
 
 @pytest.fixture(autouse=True)

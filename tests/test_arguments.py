@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 
 from fastworker_fastapi import (
+    CallbackSettings,
     FastWorker,
     InvalidTaskArgumentsError,
     InvalidTaskOptionsError,
@@ -83,7 +84,7 @@ async def test_a_batch_item_that_is_not_a_dict_is_refused() -> None:
 
 
 async def test_valid_shapes_in_every_path_arrive_as_given() -> None:
-    fw = FastWorker(FastAPI())
+    fw = FastWorker(FastAPI(), callbacks=CallbackSettings(app_paths=("/nowhere",)))
     async with fw.run() as client:
         done = await client.submit_task("ar_echo", [1, 2], {"k": "v"})
         assert done.result == [[1, 2], {"k": "v"}]

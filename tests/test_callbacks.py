@@ -34,7 +34,7 @@ from fastworker_fastapi import (
     sign_callback,
     verify_callback_signature,
 )
-from fastworker_fastapi.callbacks import CallbackDispatcher
+from fastworker_fastapi.callbacks import CallbackDispatcher, ReplayGuard
 from fastworker_fastapi.models import CallbackState
 from tests.conftest import eventually, free_port, serve
 
@@ -258,7 +258,7 @@ async def test_app_path_final_failure_after_the_retry_budget() -> None:
 @pytest.mark.parametrize("address", ["/hooks/done", "/hooks/missing"])
 async def test_app_path_4xx_is_final(address: str) -> None:
     receiver = Receiver(fail_first=100, status=410)
-    app, fw = make_app(receiver)
+    app, fw = make_app(receiver, app_paths=("/hooks/missing",))  # allowed, yet not routed
     async with serve(app):
         task_id = await fw.client.delay_with_callback("cb_echo", address, 1)
         state = await delivered(fw, task_id, "failed")
@@ -383,7 +383,7 @@ async def test_a_callback_that_cannot_be_sent_is_recorded_not_left_pending() -> 
 
 
 async def test_closing_a_dispatcher_that_never_started_is_a_no_op() -> None:
-    await CallbackDispatcher(CallbackSettings()).aclose(anyio.current_time())
+    await CallbackDispatcher(CallbackSettings()).aclose()
 
 
 # -- shutdown ---------------------------------------------------------------------------------
@@ -530,15 +530,25 @@ def test_retry_delays_grow_exponentially_up_to_the_cap() -> None:
 # -- signatures and receiving routes ------------------------------------------------------------
 
 
+def verify(secret: str | bytes, body: bytes, headers: dict[str, str], **options: Any) -> str:
+    """`verify_callback_signature` for target "/t", with a guard of its own per call."""
+    options.setdefault("target", "/t")
+    return verify_callback_signature(secret, body, headers, replay_guard=ReplayGuard(), **options)
+
+
+def sign(secret: str, body: bytes, **options: Any) -> dict[str, str]:
+    return sign_callback(secret, body, delivery_id="d1", target="/t", **options)
+
+
 def test_verify_accepts_a_valid_signature_and_returns_the_delivery_id() -> None:
     body = b'{"task_id": "t"}'
-    headers = sign_callback(SECRET, body, delivery_id="d1")
-    assert verify_callback_signature(SECRET, body, headers) == "d1"
+    headers = sign(SECRET, body)
+    assert verify(SECRET, body, headers) == "d1"
     lowered = {k.lower(): v for k, v in headers.items()}
-    assert verify_callback_signature(SECRET.encode(), body, lowered) == "d1"
-    # Several v1 signatures (key rotation): one match is enough.
-    rotated = {**headers, "X-FastWorker-Signature": "v1=00ff, " + headers["X-FastWorker-Signature"]}
-    assert verify_callback_signature(SECRET, body, rotated) == "d1"
+    assert verify(SECRET.encode(), body, lowered) == "d1"
+    # Several v2 signatures (key rotation): one match is enough.
+    rotated = {**headers, "X-FastWorker-Signature": "v2=00ff, " + headers["X-FastWorker-Signature"]}
+    assert verify(SECRET, body, rotated) == "d1"
 
 
 @pytest.mark.parametrize(
@@ -546,20 +556,12 @@ def test_verify_accepts_a_valid_signature_and_returns_the_delivery_id() -> None:
     [
         (lambda body, h: (body + b" ", h), "does not match"),
         (lambda body, h: (body, {**h, "X-FastWorker-Delivery": "other"}), "does not match"),
-        (lambda body, h: (body, sign_callback("wrong", body, delivery_id="d1")), "does not match"),
+        (lambda body, h: (body, {**h, "X-FastWorker-Attempt": "2"}), "does not match"),
+        (lambda body, h: (body, sign("wrong", body)), "does not match"),
         (lambda body, h: (body, {**h, "X-FastWorker-Signature": "sha1=abc"}), "does not match"),
-        (
-            lambda body, h: (body, sign_callback(SECRET, body, delivery_id="d1", timestamp=1)),
-            "stale",
-        ),
-        (
-            lambda body, h: (
-                body,
-                sign_callback(SECRET, body, delivery_id="d1", timestamp=int(time.time()) + 3600),
-            ),
-            "stale",
-        ),
-        (lambda body, h: (body, {**h, "X-FastWorker-Timestamp": "yesterday"}), "Unix time"),
+        (lambda body, h: (body, sign(SECRET, body, timestamp=1)), "stale"),
+        (lambda body, h: (body, sign(SECRET, body, timestamp=int(time.time()) + 3600)), "stale"),
+        (lambda body, h: (body, {**h, "X-FastWorker-Timestamp": "yesterday"}), "integers"),
         (lambda body, h: (body, {}), "missing"),
     ],
 )
@@ -567,23 +569,23 @@ def test_verify_rejects_forged_altered_and_stale_callbacks(
     change: Callable[[bytes, dict[str, str]], tuple[bytes, dict[str, str]]], match: str
 ) -> None:
     body = b'{"task_id": "t"}'
-    sent, headers = change(body, sign_callback(SECRET, body, delivery_id="d1"))
+    sent, headers = change(body, sign(SECRET, body))
     with pytest.raises(CallbackSignatureError, match=match):
-        verify_callback_signature(SECRET, sent, headers)
+        verify(SECRET, sent, headers)
 
 
 def test_verify_honours_the_tolerance() -> None:
     body = b"{}"
-    headers = sign_callback(SECRET, body, delivery_id="d", timestamp=1000)
-    assert verify_callback_signature(SECRET, body, headers, now=1010, tolerance=10) == "d"
+    headers = sign(SECRET, body, timestamp=1000)
+    assert verify(SECRET, body, headers, now=1010, tolerance=10) == "d1"
     with pytest.raises(CallbackSignatureError, match="stale"):
-        verify_callback_signature(SECRET, body, headers, now=1011, tolerance=10)
+        verify(SECRET, body, headers, now=1011, tolerance=10)
 
 
 @pytest.mark.parametrize("path", ["/hooks/done", "/hooks/plain"])
 async def test_receiving_routes_reject_forged_and_stale_callbacks(path: str) -> None:
     receiver = Receiver()
-    app, _ = make_app(receiver)
+    app, fw = make_app(receiver)
     body = TaskCallback(task_id="t1", status=TaskStatus.SUCCESS).model_dump_json().encode()
     json_type = {"content-type": "application/json"}
     async with serve(app) as http:
@@ -591,17 +593,20 @@ async def test_receiving_routes_reject_forged_and_stale_callbacks(path: str) -> 
         forged = await http.post(
             path,
             content=body,
-            headers={**json_type, **sign_callback("guessed", body, delivery_id="d1")},
+            headers={**json_type, **sign_callback("guessed", body, delivery_id="d1", target=path)},
         )
         stale = await http.post(
             path,
             content=body,
-            headers={**json_type, **sign_callback(SECRET, body, delivery_id="d1", timestamp=1)},
+            headers={
+                **json_type,
+                **fw.callbacks.sign(body, delivery_id="d1", target=path, timestamp=1),
+            },
         )
         good = await http.post(
             path,
             content=body,
-            headers={**json_type, **sign_callback(SECRET, body, delivery_id="d1")},
+            headers={**json_type, **fw.callbacks.sign(body, delivery_id="d1", target=path)},
         )
     assert [r.status_code for r in (unsigned, forged, stale)] == [401, 401, 401]
     assert "stale" in stale.json()["detail"]
@@ -613,12 +618,11 @@ async def test_receiving_routes_reject_forged_and_stale_callbacks(path: str) -> 
 
 
 async def test_verified_callback_rejects_an_invalid_payload() -> None:
-    app, _ = make_app(Receiver())
+    app, fw = make_app(Receiver())
     body = b'{"status": "success"}'  # no task_id
     async with serve(app) as http:
-        answer = await http.post(
-            "/hooks/plain", content=body, headers=sign_callback(SECRET, body, delivery_id="d")
-        )
+        headers = fw.callbacks.sign(body, delivery_id="d", target="/hooks/plain")
+        answer = await http.post("/hooks/plain", content=body, headers=headers)
     assert answer.status_code == 422
 
 
@@ -636,7 +640,9 @@ async def test_random_key_signs_app_callbacks_when_no_secret_is_set() -> None:
         task_id = await fw.client.delay_with_callback("cb_echo", "/hooks/x", 3)
         await delivered(fw, task_id)
         forged = await http.post(
-            "/hooks/x", content=body, headers=sign_callback("guess", body, delivery_id="d")
+            "/hooks/x",
+            content=body,
+            headers=sign_callback("guess", body, delivery_id="d", target="/hooks/x"),
         )
     assert [cb.result for cb in seen] == [3]
     assert forged.status_code == 401
@@ -646,12 +652,12 @@ async def test_app_path_on_a_plain_starlette_app() -> None:
     seen: list[str] = []
 
     async def hook(request: Request) -> Response:
-        fw.callbacks.verify(await request.body(), request.headers)
+        fw.callbacks.verify(await request.body(), request.headers, target=request.url.path)
         seen.append(TaskCallback.model_validate_json(await request.body()).task_id)
         return Response(status_code=204)
 
     app = Starlette(routes=[Route("/hooks/s", hook, methods=["POST"])])
-    fw = FastWorker(app, prefix=None, callbacks=settings())
+    fw = FastWorker(app, prefix=None, callbacks=settings(app_paths=("/hooks/s",)))
     with pytest.raises(ConfigurationError, match="FastAPI"):
         fw.callback_route("/hooks/x")
     async with serve(app):
@@ -685,7 +691,9 @@ async def webhook_server(receivers: dict[str, Receiver]) -> AsyncIterator[str]:
     async def hook(name: str, request: Request) -> Response:
         body = await request.body()
         try:
-            delivery_id = verify_callback_signature(SECRET, body, request.headers)
+            delivery_id = verify_callback_signature(
+                SECRET, body, request.headers, target=str(request.url)
+            )
         except CallbackSignatureError as exc:
             return Response(str(exc), status_code=401)
         status = receivers[name].handle(delivery_id, TaskCallback.model_validate_json(body))

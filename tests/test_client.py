@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastworker.tasks.registry import task as fastworker_task
 
 from fastworker_fastapi import (
+    CallbackSettings,
     FastWorker,
     InvalidTaskArgumentsError,
     InvalidTaskOptionsError,
@@ -58,7 +59,8 @@ def cl_plain_fastworker_task(n: int) -> int:
 
 def make() -> tuple[FastAPI, FastWorker]:
     app = FastAPI()
-    return app, FastWorker(app)
+    # Two app paths that may receive callbacks without a receiving route (never delivered).
+    return app, FastWorker(app, callbacks=CallbackSettings(app_paths=("/cb", "/hooks/done")))
 
 
 async def test_submit_task_blocks_and_returns_task_result() -> None:

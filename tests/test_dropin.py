@@ -32,7 +32,11 @@ def dr_double(n: int) -> int:
 
 
 async def test_every_convenience_method_delegates_to_the_client() -> None:
-    fw = FastWorker(FastAPI(), workers=InProcessWorkers(concurrency=3))
+    fw = FastWorker(
+        FastAPI(),
+        workers=InProcessWorkers(concurrency=3),
+        callbacks=CallbackSettings(app_paths=("/hooks/x",)),
+    )
     assert fw.worker_count == 0
     async with fw.run() as client:
         assert fw.worker_count == 3
@@ -135,12 +139,11 @@ async def test_the_start_up_line_names_mode_workers_store_and_routes(
     ]
 
 
-async def test_loopback_listeners_are_allowed_unless_turned_off() -> None:
-    fw = FastWorker(FastAPI(), callbacks=CallbackSettings(max_attempts=1, timeout=0.1))
-    async with fw.run() as client:
+async def test_loopback_listeners_are_allowed_only_when_turned_on() -> None:
+    lenient = CallbackSettings(loopback_listeners=True, max_attempts=1, timeout=0.1)
+    async with FastWorker(FastAPI(), callbacks=lenient).run() as client:
         for host in ("127.0.0.1", "localhost", "[::1]"):
             await client.delay_with_callback("dr_double", f"tcp://{host}:9", 1)
-    strict = CallbackSettings(loopback_listeners=False)
-    async with FastWorker(FastAPI(), callbacks=strict).run() as client:
+    async with FastWorker(FastAPI()).run() as client:  # off by default
         with pytest.raises(InvalidTaskOptionsError, match="allowed_hosts"):
             await client.delay_with_callback("dr_double", "tcp://127.0.0.1:9", 1)

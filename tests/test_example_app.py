@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from example_app.main import USERS, app, fw
+from example_app.main import app, fw
 from fastworker_fastapi import TaskStatus
 from tests.conftest import eventually, serve
 
@@ -78,7 +78,6 @@ async def test_web_api_pattern_with_a_callback_route() -> None:
         bad = await http.post("/users", json={"name": "", "email": "nope"})
         assert bad.status_code == 422
         assert (await http.get("/users/99999")).status_code == 404
-    USERS.clear()
 
 
 async def test_status_routes_and_dashboard_are_mounted() -> None:

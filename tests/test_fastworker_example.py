@@ -1,4 +1,5 @@
-"""fastworker's own FastAPI example runs on our extension with only the import swapped.
+"""fastworker's own FastAPI example runs on our extension with the import swapped (and its
+local callback listener allowed with one setting).
 
 `tests/_fastworker_example.py` reproduces its endpoints; each is driven here through the
 app's real lifespan, as a client of the example would use them.

@@ -17,11 +17,21 @@ EXPECTED = {
     "TaskClient",
     "TaskClientDep",
     "get_fastworker",
+    # task stores
+    "MemoryStore",
+    "SQLiteStore",
+    "TaskStore",
     # tasks
     "background_task",
     "BackgroundTask",
     "TaskCall",
     "report_progress",
+    # periodic tasks
+    "schedule",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleList",
+    "ScheduleNotFoundError",
     # models: FastWorker's own, and ours
     "TaskPriority",
     "TaskStatus",

@@ -8,14 +8,11 @@ Stores that need an optional dependency are imported only when asked for.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from fastworker_fastapi.errors import ConfigurationError
 from fastworker_fastapi.stores.base import TaskStore
 from fastworker_fastapi.stores.memory import MemoryStore
-
-if TYPE_CHECKING:
-    from fastworker_fastapi.stores.sqlite import SQLiteStore
+from fastworker_fastapi.stores.sqlite import SQLiteStore
 
 __all__ = ["DEFAULT_STORE", "ENV_VAR", "MemoryStore", "SQLiteStore", "TaskStore", "resolve_store"]
 
@@ -34,8 +31,6 @@ def resolve_store(store: TaskStore | str | None) -> TaskStore:
     if url == "memory" or url == "memory://":
         return MemoryStore()
     if url.startswith("sqlite:///"):
-        from fastworker_fastapi.stores.sqlite import SQLiteStore
-
         path = url[len("sqlite:///") :]
         if not path:
             raise ConfigurationError(f"store URL {url!r} names no file: use sqlite:///tasks.db")
@@ -64,15 +59,3 @@ def _safe(url: str) -> str:
         user = credentials.split(":", 1)[0]
         return f"{scheme}://{user}:***@{host}"
     return url
-
-
-def __getattr__(name: str) -> object:
-    if name == "SQLiteStore":  # stdlib only, but most apps never need its import cost
-        from fastworker_fastapi.stores.sqlite import SQLiteStore
-
-        return SQLiteStore
-    if name == "PostgresStore":  # needs the `postgres` extra
-        from fastworker_fastapi.stores.postgres import PostgresStore
-
-        return PostgresStore
-    raise AttributeError(name)

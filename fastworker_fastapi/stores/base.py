@@ -24,11 +24,16 @@ Rules every store follows (the contract suite in tests/stores checks them):
 - `recover` releases the tasks of dead owners (expired lease, or a process on this host
   that is gone) and claims due, unowned tasks this process can run, at most `limit`.
 - Unfinished tasks and undelivered callbacks never expire.
+- Schedule state (periodic tasks) is one small row per schedule name, shared by every
+  process: `update_schedule` upserts it; `paused` and `resumed_at` are replaced when given,
+  `last_due` only ever moves forward (the later of the stored and the given time).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastworker.tasks.models import TaskStatus
@@ -41,12 +46,28 @@ if TYPE_CHECKING:
     from fastworker_fastapi.events import EventHub
 
 __all__ = [
+    "ScheduleState",
     "TaskStore",
     "cancelled_changes",
     "final_changes",
     "interrupted_changes",
     "released_changes",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What every process shares about one periodic schedule (see `periodic.py`).
+
+    `last_due` is the latest due time a task was created for (it only moves forward);
+    `resumed_at` is when the schedule was last resumed, so due times missed while it was
+    paused are not caught up after a restart.
+    """
+
+    name: str
+    paused: bool = False
+    last_due: datetime | None = None
+    resumed_at: datetime | None = None
 
 
 class TaskStore(Protocol):
@@ -117,6 +138,22 @@ class TaskStore(Protocol):
 
     async def expire(self) -> int:
         """Drop finished tasks past `result_ttl` or beyond `max_results`; how many went."""
+        ...
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule's shared state, by name (schedules never touched are absent)."""
+        ...
+
+    async def update_schedule(
+        self,
+        name: str,
+        *,
+        paused: bool | None = None,
+        last_due: datetime | None = None,
+        resumed_at: datetime | None = None,
+    ) -> ScheduleState:
+        """Create or change a schedule's state: `paused` and `resumed_at` replace the
+        stored values when given; `last_due` keeps the later of stored and given."""
         ...
 
 

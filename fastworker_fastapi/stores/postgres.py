@@ -59,6 +59,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -80,15 +81,16 @@ from fastworker_fastapi.records import (
     WAITING_STATUSES,
     TaskRecord,
     dumps,
-    utcnow,
 )
-from fastworker_fastapi.stores.base import released_changes
+from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
 from fastworker_fastapi.stores.sqlite import (
     _encode,
     _epoch,
     _host_key,
+    _micros,
     _proc_start,
     _process_gone,
+    _schedule_state,
 )
 
 if TYPE_CHECKING:
@@ -160,6 +162,12 @@ CREATE INDEX IF NOT EXISTS tasks_owner ON {s}.tasks (owner) WHERE owner IS NOT N
 CREATE INDEX IF NOT EXISTS tasks_claimable ON {s}.tasks (created) WHERE owner IS NULL;
 CREATE INDEX IF NOT EXISTS tasks_completed ON {s}.tasks (completed_at, n)
     WHERE completed_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.schedules (
+    name text PRIMARY KEY,
+    paused boolean NOT NULL DEFAULT false,
+    last_due bigint,
+    resumed_at bigint
+);
 CREATE TABLE IF NOT EXISTS {s}.owners (
     owner text PRIMARY KEY,
     host text,
@@ -542,14 +550,6 @@ class PostgresStore:
         return sql, params
 
     async def request_cancel(self, task_id: str) -> TaskRecord:
-        cancel_sql, cancel_params = self._prepare(
-            {
-                "status": TaskStatus.CANCELLED,
-                "error_type": "TaskCancelled",
-                "error": "TaskCancelled: cancelled by request",
-                "completed_at": utcnow(),
-            }
-        )
         flag_sql, flag_params = self._prepare({"cancel_requested": True})
         s = self.schema
 
@@ -566,9 +566,10 @@ class PostgresStore:
                     raise TaskAlreadyFinishedError(
                         f"task {task_id} already finished with status {record.status.value!r}"
                     )
-                sql, params = (
-                    (cancel_sql, cancel_params) if record.owner is None else (flag_sql, flag_params)
-                )
+                if record.owner is None:  # nobody runs it: cancelled here and now
+                    sql, params = self._prepare(cancelled_changes(record))
+                else:  # its owner acts on the flag
+                    sql, params = flag_sql, flag_params
                 write_id = self._write_id()
                 cur = await conn.execute(
                     sql,
@@ -798,6 +799,48 @@ class PostgresStore:
     async def _close_op(self, conn: AConn) -> None:
         for record in await self._release(conn, self.owner, "its process closed the store"):
             self._publish(record)
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        s = self.schema
+
+        async def op(conn: AConn) -> list[Any]:
+            cur = await conn.execute(
+                f"SELECT name, paused, last_due, resumed_at FROM {s}.schedules"
+            )
+            return await cur.fetchall()
+
+        return {row[0]: _schedule_state(row) for row in await self._call(op)}
+
+    async def update_schedule(
+        self,
+        name: str,
+        *,
+        paused: bool | None = None,
+        last_due: datetime | None = None,
+        resumed_at: datetime | None = None,
+    ) -> ScheduleState:
+        s = self.schema
+        params = {
+            "name": name,
+            "paused": paused,
+            "last_due": _micros(last_due),
+            "resumed_at": _micros(resumed_at),
+        }
+
+        async def op(conn: AConn) -> Any:
+            cur = await conn.execute(
+                f"INSERT INTO {s}.schedules AS old (name, paused, last_due, resumed_at)"
+                " VALUES (%(name)s, coalesce(%(paused)s, false), %(last_due)s, %(resumed_at)s)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " paused = coalesce(%(paused)s, old.paused),"
+                " last_due = greatest(old.last_due, %(last_due)s),"
+                " resumed_at = coalesce(%(resumed_at)s, old.resumed_at)"
+                " RETURNING name, paused, last_due, resumed_at",
+                params,
+            )
+            return await cur.fetchone()
+
+        return _schedule_state(await self._call(op, retry=True))
 
     async def expire(self) -> int:
         s = self.schema

@@ -50,8 +50,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import fields
-from datetime import datetime
+from dataclasses import fields, replace
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +70,7 @@ from fastworker_fastapi.records import (
     TaskRecord,
     dumps,
 )
-from fastworker_fastapi.stores.base import cancelled_changes, released_changes
+from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -84,6 +84,10 @@ logger = logging.getLogger("fastworker_fastapi")
 SCHEMA_VERSION = 1
 """Bumped by every schema change; `open` migrates older files and refuses newer ones."""
 
+# Indexes only where a write does not pay for them on every status change: `seq` (the
+# feed; it changes with every write anyway), `owner` (recovery; set at insert and claims),
+# unowned tasks (claims; only released tasks are in it) and finished ones by completion
+# (retention). Listing walks rowids newest first, which is insertion order.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tasks (
@@ -102,11 +106,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_seq ON tasks (seq);
-CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
-CREATE INDEX IF NOT EXISTS tasks_name ON tasks (name);
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner);
-CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created);
-CREATE INDEX IF NOT EXISTS tasks_completed_at ON tasks (completed_at);
+CREATE INDEX IF NOT EXISTS tasks_unowned ON tasks (status) WHERE owner IS NULL;
+CREATE INDEX IF NOT EXISTS tasks_completed_at ON tasks (completed_at)
+    WHERE completed_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS owners (
     owner TEXT PRIMARY KEY,
     host TEXT,
@@ -115,8 +118,15 @@ CREATE TABLE IF NOT EXISTS owners (
     heartbeat REAL NOT NULL,
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_due INTEGER,
+    resumed_at INTEGER
+) WITHOUT ROWID;
 """
 
+_OWN_LIMIT = 100_000  # own unfinished tasks remembered (beyond it, writes read rows back)
 _FINAL = tuple(s.value for s in FINAL_STATUSES)
 _WAITING = tuple(s.value for s in WAITING_STATUSES)
 _UNFINISHED = tuple(s.value for s in TaskStatus if s not in FINAL_STATUSES)
@@ -179,6 +189,9 @@ class SQLiteStore:
         self._host, self._pid, self._started = _host_key(), os.getpid(), _proc_start(os.getpid())
         self._hints: _Hints | None = None
         self._update_sql: dict[tuple[str, ...], str] = {}
+        # This process's own unfinished tasks as last written, so that a write needs no
+        # read back: the writer thread alone reads and changes it (see _cas).
+        self._own: dict[str, TaskRecord] = {}
 
     @property
     def description(self) -> str:
@@ -299,7 +312,17 @@ class SQLiteStore:
             conn.close()
 
     def _setup(self, conn: sqlite3.Connection) -> int:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        # Switching a new file to WAL can answer "locked" at once, without the busy handler,
+        # while another process does the same: retry it within the busy timeout.
+        give_up = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > give_up:
+                    raise
+                time.sleep(0.01)
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"WAL mode refused (journal_mode is {mode!r})")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -344,7 +367,21 @@ class SQLiteStore:
                 (seq,) = conn.execute(
                     "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value"
                 ).fetchone()
-                for op, future in ops:
+                if len(ops) == 1:  # alone in its transaction: no savepoint needed
+                    ((op, future),) = ops
+                    result, records = op(conn, seq)  # a failure rolls the whole back
+                    outcomes.append((future, result, None, records))
+                for op, future in ops if len(ops) > 1 else ():
+                    if getattr(op, "single_statement", False):
+                        # One statement is atomic by itself: no savepoint (each statement
+                        # is a round trip for the GIL, which the event loop also wants).
+                        try:
+                            result, records = op(conn, seq)
+                        except Exception as exc:
+                            outcomes.append((future, None, exc, ()))
+                        else:
+                            outcomes.append((future, result, None, records))
+                        continue
                     conn.execute("SAVEPOINT op")
                     try:
                         result, records = op(conn, seq)
@@ -401,7 +438,11 @@ class SQLiteStore:
                 conn.executemany(_INSERT, [(row[0], seq, owner, *row[1:]) for row in rows])
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"a task in this batch exists already ({exc})") from None
+            self._remember(records)
             return None, records
+
+        if len(rows) == 1:
+            op.single_statement = True  # type: ignore[attr-defined]
 
         await self._submit(op)
 
@@ -414,6 +455,8 @@ class SQLiteStore:
                 _INSERT + " ON CONFLICT (id) DO NOTHING", (row[0], seq, owner, *row[1:])
             )
             added = cursor.rowcount == 1
+            if added:
+                self._remember((record,))
             return added, (record,) if added else ()
 
         added: bool = await self._submit(op)
@@ -422,16 +465,31 @@ class SQLiteStore:
     async def update(
         self, task_id: str, expect_owner: str | None, expect_attempts: int, **changes: Any
     ) -> TaskRecord | None:
-        sql, params = self._prepare(changes)
-
-        def op(conn: sqlite3.Connection, seq: int) -> tuple[TaskRecord | None, Sequence[Any]]:
-            record = self._cas(conn, seq, sql, params, task_id, expect_owner, expect_attempts)
-            return record, () if record is None else (record,)
-
-        record: TaskRecord | None = await self._submit(op)
+        record: TaskRecord | None = await self.update_nowait(
+            task_id, expect_owner, expect_attempts, **changes
+        )
         if record is None:
             logger.debug("dropped a write to task %s: owner or attempt changed", task_id)
         return record
+
+    def update_nowait(
+        self, task_id: str, expect_owner: str | None, expect_attempts: int, **changes: Any
+    ) -> asyncio.Future[TaskRecord | None]:
+        """`update`, queued at once: this store applies one process's writes in the order
+        they were made, so a caller that needs no answer yet (the scheduler marking a task
+        RUNNING) need not wait for the commit before going on."""
+        sql, params = self._prepare(changes)
+
+        def op(conn: sqlite3.Connection, seq: int) -> tuple[TaskRecord | None, Sequence[Any]]:
+            record = self._cas(
+                conn, seq, sql, params, task_id, expect_owner, expect_attempts, changes=changes
+            )
+            return record, () if record is None else (record,)
+
+        op.single_statement = True  # type: ignore[attr-defined]
+
+        future: asyncio.Future[TaskRecord | None] = self._submit(op)
+        return future
 
     def _row(self, record: TaskRecord) -> tuple[Any, ...]:
         data = record.to_json()
@@ -481,13 +539,33 @@ class SQLiteStore:
         expect_owner: str | None,
         expect_attempts: int,
         extra: str = "",
+        changes: dict[str, Any] | None = None,
     ) -> TaskRecord | None:
+        """Compare-and-set one task (writer thread only). With `changes` and the task in
+        `_own`, the new record is made from the one last written, without reading the row
+        back: the JSON decode would cost more than the write."""
+        base = self._own.get(task_id) if changes is not None else None
         row = conn.execute(
             f"UPDATE tasks SET {sql}, seq = ?, writer = ?"
-            f" WHERE id = ? AND owner IS ? AND attempts = ?{extra} RETURNING data",
+            f" WHERE id = ? AND owner IS ? AND attempts = ?{extra}"
+            f" RETURNING {'1' if base is not None else 'data'}",
             (*params, seq, self.owner, task_id, expect_owner, expect_attempts),
         ).fetchone()
-        return None if row is None else _decode(row[0])
+        if row is None:
+            self._own.pop(task_id, None)
+            return None
+        record = _decode(row[0]) if base is None else replace(base, **changes)  # type: ignore[arg-type]
+        if record.owner != self.owner or record.status in FINAL_STATUSES:
+            self._own.pop(task_id, None)
+        elif task_id in self._own:
+            self._own[task_id] = record
+        return record
+
+    def _remember(self, records: Sequence[TaskRecord]) -> None:
+        own = self._own
+        for record in records:
+            if record.owner == self.owner and len(own) < _OWN_LIMIT and not record.finished:
+                own[record.id] = record
 
     async def request_cancel(self, task_id: str) -> TaskRecord:
         flag_sql, flag_params = self._prepare({"cancel_requested": True})
@@ -547,7 +625,7 @@ class SQLiteStore:
             params.append(name)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = self._read_conn().execute(
-            f"SELECT data FROM tasks{clause} ORDER BY created DESC, rowid DESC LIMIT ?",
+            f"SELECT data FROM tasks{clause} ORDER BY rowid DESC LIMIT ?",
             (*params, max(limit, 0)),
         )
         return list(_decode_many(row[0] for row in rows))
@@ -696,6 +774,44 @@ class SQLiteStore:
         gone: int = await self._submit(op)
         return gone
 
+    # -- schedules -----------------------------------------------------------------------------
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        rows = self._read_conn().execute("SELECT name, paused, last_due, resumed_at FROM schedules")
+        return {row[0]: _schedule_state(row) for row in rows}
+
+    async def update_schedule(
+        self,
+        name: str,
+        *,
+        paused: bool | None = None,
+        last_due: datetime | None = None,
+        resumed_at: datetime | None = None,
+    ) -> ScheduleState:
+        params = (
+            name,
+            None if paused is None else int(paused),
+            _micros(last_due),
+            _micros(resumed_at),
+        )
+
+        def op(conn: sqlite3.Connection, seq: int) -> tuple[ScheduleState, Sequence[Any]]:
+            row = conn.execute(
+                "INSERT INTO schedules (name, paused, last_due, resumed_at)"
+                " VALUES (?1, coalesce(?2, 0), ?3, ?4)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " paused = coalesce(?2, paused),"
+                " last_due = CASE WHEN last_due IS NULL OR ?3 > last_due"
+                " THEN coalesce(?3, last_due) ELSE last_due END,"
+                " resumed_at = coalesce(?4, resumed_at)"
+                " RETURNING name, paused, last_due, resumed_at",
+                params,
+            ).fetchone()
+            return _schedule_state(row), ()
+
+        state: ScheduleState = await self._submit(op)
+        return state
+
     # -- the change feed ---------------------------------------------------------------------
 
     async def _feed(self) -> None:
@@ -798,6 +914,23 @@ _COLUMNS: dict[str, Callable[[Any], Any]] = {
     "delivery": lambda value: int(value is not None and value.open),
 }
 _COLUMN_NAMES = {"delivery": "delivery_open"}
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(value: datetime | None) -> int | None:
+    """Microseconds since the epoch: exact, so due times compare exactly."""
+    return None if value is None else (value - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_micros(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def _schedule_state(row: Sequence[Any]) -> ScheduleState:
+    name, paused, last_due, resumed_at = row
+    return ScheduleState(name, bool(paused), _from_micros(last_due), _from_micros(resumed_at))
 
 
 def _set_clause(keys: Iterable[str]) -> str:
