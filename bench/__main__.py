@@ -84,7 +84,13 @@ async def main() -> int:
             f"{fastworker / ceiling:.4f}",
         ),
     ]
-    extra = await remote_rows()
+    stream_lines, stream_checks = await stream_rows()
+    checks += [Check(*check) for check in stream_checks]
+    from bench.http import run as run_http
+
+    http_lines, http_checks = await asyncio.to_thread(run_http)
+    checks += [Check(*check) for check in http_checks]
+    extra = [*stream_lines, *http_lines, *await remote_rows()]
     from bench.sqlite import run as run_sqlite
 
     sqlite_lines, sqlite_checks = await run_sqlite()
@@ -96,6 +102,42 @@ async def main() -> int:
         verdict = "PASS" if check.ok else "FAIL"
         print(f"{verdict}  {check.what}: {check.value:.2f} (target {check.target})")
     return 1 if failed else 0
+
+
+async def stream_rows() -> tuple[list[str], list[tuple[str, float, str, bool]]]:
+    """Throughput with 200 open event streams (150 reading, 50 stalled) against none."""
+    from bench.streams import throughput_with_streams
+
+    n = int(os.environ.get("BENCH_STREAM_TASKS", "5000"))
+    none: list[float] = []
+    with_streams: list[float] = []
+    complete = True
+    for _ in range(3):
+        gc.collect()
+        none.append((await throughput_with_streams(n, 0, 0))[0])
+        gc.collect()
+        rate, ok = await throughput_with_streams(n, 150, 50)
+        with_streams.append(rate)
+        complete = complete and ok
+    a, b = statistics.median(none), statistics.median(with_streams)
+    print(f"streams: none {a:,.0f} tasks/s, 200 open {b:,.0f} tasks/s ({b / a:.3f})")
+    lines = [
+        f"## Event streams ({n:,} trivial async tasks, median of 3)",
+        "",
+        "| open streams | throughput | ratio |",
+        "|---|---|---|",
+        f"| none | {a:,.0f} tasks/s | 1.00 |",
+        f"| 200 on `/tasks/events` (150 reading, 50 stalled) | {b:,.0f} tasks/s | {b / a:.3f} |",
+        "",
+        "Every reading stream saw the final state of every task: "
+        f"**{'yes' if complete else 'NO'}**.",
+        "",
+    ]
+    checks = [
+        ("throughput with 200 open streams / none", b / a, ">= 0.8", b / a >= 0.8),
+        ("reading streams saw every final state", float(complete), "= 1", complete),
+    ]
+    return lines, checks
 
 
 async def remote_rows() -> list[str]:

@@ -2,9 +2,9 @@
 
 A handle's `.delay()` has no client argument, so it looks one up, in this order:
 
-1. the client bound to the current context: set for every request by the extension's
-   middleware and inside every task the extension runs, so two apps in one process each
-   reach their own client;
+1. the client bound to the current context: set for a request by `get_fastworker` (the
+   `TaskClientDep` dependency; no per-request middleware) and inside every task the
+   extension runs, so two apps in one process each reach their own client;
 2. otherwise, the only running client in the process (scripts, tests, CLI commands);
 3. otherwise a `NotRunningError` that says which case it is and how to fix it.
 """

@@ -38,6 +38,7 @@ import pynng
 from fastworker.tasks.models import Task
 from pydantic import ValidationError
 
+from fastworker_fastapi import _plane_main
 from fastworker_fastapi._nng import format_tcp_address, parse_tcp_address
 
 __all__ = [
@@ -484,6 +485,7 @@ class ControlPlaneProcess:
         self._log_changed = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._watch_write: int | None = None  # the app's end of the parent-death pipe
 
     @property
     def ports(self) -> ControlPlanePorts:
@@ -521,10 +523,8 @@ class ControlPlaneProcess:
         ports = self.ports
         if self._executable is not None:
             launcher = [self._executable, *(["--log-level", "WARNING"] if self._quiet else [])]
-        elif self._quiet:
-            launcher = [sys.executable, str(_PLANE_MAIN)]
-        else:
-            launcher = [find_fastworker_executable()]
+        else:  # our launcher: dies with the app (see `_plane_main`)
+            launcher = [sys.executable, str(_PLANE_MAIN), *([] if self._quiet else ["--verbose"])]
         command = [
             *launcher,
             "control-plane",
@@ -559,14 +559,27 @@ class ControlPlaneProcess:
             raise RuntimeError("this ControlPlaneProcess was already started")
         if self._ports is None:
             self._ports = find_control_plane_ports(self._host)
-        self._proc = await asyncio.create_subprocess_exec(
-            *self._command(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=self._child_env(),
-            start_new_session=True,
-        )
+        # The child watches the read end; only this process holds the write end (not
+        # inheritable), so the child sees end of file exactly when this process is gone.
+        watch_read, self._watch_write = os.pipe()
+        env = self._child_env()
+        env[_plane_main.PARENT_FD_ENV] = str(watch_read)
+        env[_plane_main.PARENT_PID_ENV] = str(os.getpid())
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                pass_fds=(watch_read,),
+            )
+        except BaseException:
+            self._close_watch()
+            raise
+        finally:
+            os.close(watch_read)
         self._reader = asyncio.create_task(self._read_output(self._proc))
         try:
             await self._wait_ready(ready_timeout)
@@ -672,11 +685,17 @@ class ControlPlaneProcess:
         # (A pgid stays reserved while any member lives, so this cannot hit a stranger.)
         _signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
+        self._close_watch()
         reader, self._reader = self._reader, None
         if reader is not None:
             # A grandchild could keep the pipe open: then give up on the rest of the output.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reader, timeout=5.0)
+
+    def _close_watch(self) -> None:
+        fd, self._watch_write = self._watch_write, None
+        if fd is not None:
+            os.close(fd)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
+    "OVERSIZE_HEAD",
     "PAIR0_HEADER",
     "Pair0ConnectionError",
     "Pair0HandshakeError",
@@ -40,6 +41,7 @@ PAIR0_HEADER = b"\x00SP\x00\x00\x10\x00\x00"
 """The SP header of a Pair0 (v0) socket; a Pair0 peer sends exactly the same 8 bytes."""
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+OVERSIZE_HEAD = 1024  # bytes of an oversize message read to tell whose it is
 """Larger messages close the connection: a length prefix must not make us allocate gigabytes."""
 
 _HANDSHAKE_TIMEOUT = 10.0
@@ -90,8 +92,10 @@ class Pair0Listener:
         port: int = 0,
         max_message_size: int = MAX_MESSAGE_SIZE,
         handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+        on_oversize: Callable[[bytes, int], None] | None = None,
     ) -> None:
         self._on_message = on_message
+        self._on_oversize = on_oversize
         self._host = host
         self._port = port
         self._max_message_size = max_message_size
@@ -191,6 +195,13 @@ class Pair0Listener:
                         size,
                         self._max_message_size,
                     )
+                    if self._on_oversize is not None:
+                        # Its start says whose it is (a callback begins with its task id).
+                        try:
+                            head = await reader.readexactly(min(size, OVERSIZE_HEAD))
+                        except asyncio.IncompleteReadError as exc:
+                            head = exc.partial
+                        self._call_oversize(head, size)
                     return
                 self._deliver(await reader.readexactly(size))
         except asyncio.IncompleteReadError:
@@ -199,6 +210,13 @@ class Pair0Listener:
             logger.debug("Pair0 connection from %s failed: %s", peer, exc)
         finally:
             writer.close()
+
+    def _call_oversize(self, head: bytes, size: int) -> None:
+        assert self._on_oversize is not None
+        try:
+            self._on_oversize(head, size)
+        except Exception:
+            logger.exception("Pair0Listener on_oversize callback failed")
 
     def _deliver(self, message: bytes) -> None:
         try:

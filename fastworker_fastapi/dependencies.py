@@ -17,29 +17,42 @@ if TYPE_CHECKING:
 __all__ = ["TaskClientDep", "get_fastworker"]
 
 
-def get_fastworker(connection: HTTPConnection) -> TaskClient:
+async def get_fastworker(connection: HTTPConnection) -> TaskClient:
     """Dependency: `client: Annotated[TaskClient, Depends(get_fastworker)]`.
 
-    Finds the client bound to this request by the extension's middleware (which also works
-    in mounted sub-applications), else the one attached to `request.app`. Raises
-    `NotRunningError` (a 503) when the app's lifespan has not started. While the app shuts
-    down the client is still returned: reads work, submissions raise `ShuttingDownError`.
+    An `async def`, so FastAPI calls it on the event loop (a plain `def` would cost a trip
+    through its thread pool on every request). Finds the client attached to `request.app`,
+    else (a mounted sub-application) the only running one, and binds it to the request's
+    context, so a task handle's `.delay()` in the same route talks to this app's client.
+    Raises `NotRunningError` (a 503) when the app's lifespan has not started. While the app
+    shuts down the client is still returned: reads work, submissions raise
+    `ShuttingDownError`.
     """
-    client = _context.current_client.get()
-    if client is None:
-        extension: FastWorker | None = getattr(connection.app.state, "fastworker", None)
-        if extension is None:
+    extension: FastWorker | None = getattr(connection.app.state, "fastworker", None)
+    client: TaskClient | None
+    if extension is not None:
+        client = extension.client
+    else:
+        client = _context.current_client.get() or _only_running()
+        if client is None:
             raise NotRunningError(
                 "no FastWorker extension is attached to this app: create one with "
                 "FastWorker(app) (or fw.init_app(app)) before serving requests"
             )
-        client = extension.client
     if not client.started:
         raise NotRunningError(
             "the FastWorker extension is not running: the app's lifespan has not started "
             "(in tests, use asgi_lifespan.LifespanManager or `with TestClient(app)`)"
         )
+    _context.current_client.set(client)  # this request's context only (its own task)
     return client
+
+
+def _only_running() -> TaskClient | None:
+    try:
+        return _context.resolve_client()
+    except NotRunningError:
+        return None
 
 
 TaskClientDep = Annotated[TaskClient, Depends(get_fastworker)]

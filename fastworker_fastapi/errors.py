@@ -141,7 +141,8 @@ class WaitTimeoutError(FastWorkerError, TimeoutError):
 class TaskFailed(Exception):
     """A task failure known only as text (a remote worker's error), with its type name."""
 
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(self, error_type: str, message: str, *, retry: bool = True) -> None:
         super().__init__(f"{error_type}: {message}" if message else error_type)
         self.error_type = error_type
         self.message = message
+        self.retry = retry  # False: another attempt would fail the same way

@@ -29,9 +29,8 @@ from fastapi import FastAPI
 from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastworker_fastapi import _context
+from fastworker_fastapi import _context, _server_shutdown
 from fastworker_fastapi._dropin import ClientMethods, check_client_kwargs
 from fastworker_fastapi.callbacks import CallbackDispatcher, CallbackSettings
 from fastworker_fastapi.client import TaskClient
@@ -79,7 +78,8 @@ class FastWorker(ClientMethods):
       retries, concurrency).
     - `dashboard`: serve the monitoring page at `{prefix}/dashboard` (on by default);
     - `event_heartbeat`: seconds between heartbeats on idle event streams;
-    - `event_buffer`: changes buffered per event stream before a slow client is dropped;
+    - `event_buffer`: tasks with unsent changes an event stream may hold for a client that
+      stopped reading before it is dropped (changes are coalesced per task);
     - `max_result_bytes`: the largest result (as JSON) a task may return; a larger one
       fails the task with a clear error;
     - `client_kwargs`: accepted for code written for fastworker's own FastAPI glue
@@ -152,6 +152,7 @@ class FastWorker(ClientMethods):
         )
         self.periodic = PeriodicTasks()  # this app's periodic schedules; see docs/periodic.md
         self.app: Starlette | None = None
+        self._hub: EventHub | None = None
         if app is not None:
             self.init_app(app)
 
@@ -175,7 +176,6 @@ class FastWorker(ClientMethods):
         self.app = app
         app.state.fastworker = self
         app.router.lifespan_context = self._chain(app.router.lifespan_context)  # type: ignore[assignment]
-        app.add_middleware(_BindClientMiddleware, client=self.client)
         if self.exception_handlers:
             app.add_exception_handler(FastWorkerError, _error_response)
         if self.prefix is not None:
@@ -247,10 +247,17 @@ class FastWorker(ClientMethods):
                     await scheduler.start(task_group)
                     await self.periodic.start(self.client, task_group)
                 _context.mark_running(self.client)
+                self._hub = hub
+                server_exiting = _server_shutdown.find_server_exit_flag()
+                if server_exiting is not None:
+                    task_group.start_soon(
+                        _server_shutdown.watch, server_exiting, self.end_event_streams
+                    )
                 _announce("FastWorker started: %s", self._describe(executor.concurrency, store))
                 yield self.client
             finally:
                 _context.mark_stopped(self.client)
+                self._hub = None
                 self.periodic.stop()
                 with anyio.CancelScope(shield=True):
                     await scheduler.shutdown(self.shutdown_timeout)
@@ -262,6 +269,16 @@ class FastWorker(ClientMethods):
                 task_group.cancel_scope.cancel()
                 _announce("FastWorker stopped")
 
+    def end_event_streams(self) -> None:
+        """End every open event stream with a final `shutdown` event, and those opened later.
+
+        Called by itself when uvicorn begins to shut down (which waits for open connections
+        before the app's lifespan ends); call it yourself under a server that does not let
+        the app know (for example from your own shutdown hook).
+        """
+        if self._hub is not None:
+            self._hub.close("shutdown")
+
     def _describe(self, concurrency: int, store: TaskStore) -> str:
         """The start-up log line: mode, workers, store and routes."""
         mode = "in-process" if isinstance(self.workers, InProcessWorkers) else "remote"
@@ -269,24 +286,6 @@ class FastWorker(ClientMethods):
         if self.prefix is not None and self.dashboard:
             routes += f" (dashboard {self.prefix}/dashboard)"
         return f"mode={mode} workers={concurrency} store={store.description} routes={routes}"
-
-
-class _BindClientMiddleware:
-    """Binds this app's client to the request's context, for `handle.delay()` and DI."""
-
-    def __init__(self, app: ASGIApp, client: TaskClient) -> None:
-        self.app = app
-        self.client = client
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
-            return
-        token = _context.current_client.set(self.client)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _context.current_client.reset(token)
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:

@@ -2,17 +2,20 @@
 
 ```
 store writes (this process's, and other processes' through the store's feed)
-                       ──► EventHub ──► Subscription (bounded buffer)
+                       ──► EventHub ──► Subscription (latest state per task, bounded)
                                                           │  one per open stream
                                                           ▼
                           GET /tasks/{id}/events   event: task   (current state first,
                           GET /tasks/events        data: {TaskInfo JSON}   then each change)
                                                    : heartbeat   (every `heartbeat` seconds)
-                                                   event: overflow (the buffer filled: end)
+                                                   event: overflow (stopped reading: end)
+                                                   event: shutdown (the server stops: end)
 ```
 
-Publishing never waits for a stream: a client that reads too slowly fills its buffer, gets
-a final `overflow` event, and its stream closes. An `EventSource` then reconnects by itself
+Publishing never waits for a stream. Changes are coalesced per task (the latest state of each
+task wins), so a client that keeps reading keeps up and always gets each task's final state;
+a client that stops reading while changes pile up gets a final `overflow` event and its
+stream closes. An `EventSource` then reconnects by itself
 and should re-read the state (`GET /tasks/{id}` or `GET /tasks`), which is what the
 dashboard does. A client that disconnects releases its subscription at once.
 """
@@ -32,14 +35,14 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from fastworker_fastapi.errors import TaskNotFoundError
-from fastworker_fastapi.models import TaskInfo
+from fastworker_fastapi.models import task_json
 from fastworker_fastapi.records import FINAL_STATUSES
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from fastworker_fastapi.client import TaskClient
-    from fastworker_fastapi.events import EventHub, RecordFilter
+    from fastworker_fastapi.events import Change, EventHub, RecordFilter
     from fastworker_fastapi.records import TaskRecord
 
 __all__ = ["EventStreamResponse", "add_event_routes", "task_events"]
@@ -54,7 +57,7 @@ _EVENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"type": "string", "enum": ["task", "overflow"]},
+        "event": {"type": "string", "enum": ["task", "overflow", "shutdown"]},
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
@@ -80,7 +83,8 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
             }
         },
         "description": "`event: task` with a `TaskInfo` as JSON per change; comment "
-        "heartbeats; `event: overflow` before closing when the client read too slowly.",
+        "heartbeats; `event: overflow` before closing when the client stopped reading, "
+        "`event: shutdown` when the server stops.",
     },
     503: {"content": _JSON_ERROR, "description": "The extension is not running."},
 }
@@ -114,18 +118,16 @@ class EventStreamResponse(StreamingResponse):
                     await aclose()
 
 
-def _event(info: TaskInfo) -> str:
-    try:
-        data = info.model_dump_json()
-    except Exception:  # a value no encoder accepts: say so rather than cut the stream
-        data = info.model_copy(
-            update={"result": None, "error": "UnreadableRecord: the result cannot be shown"}
-        ).model_dump_json()
-    return f"event: task\ndata: {data}\n\n"
+def _event(record: TaskRecord) -> str:
+    return f"event: task\ndata: {task_json(record)}\n\n"
 
 
 _OVERFLOW = "event: overflow\ndata: {}\n\n".format(
     json.dumps({"detail": "this client read too slowly and missed events; re-read the state"})
+)
+_PACE = 0.05  # seconds between two writes of one stream (at most ~20 a second)
+_SHUTDOWN = "event: shutdown\ndata: {}\n\n".format(
+    json.dumps({"detail": "the server is shutting down; reconnect to another process or later"})
 )
 
 
@@ -141,9 +143,10 @@ async def task_events(
 
     Given `current`, the stream ends after the task's final state. It subscribes only once
     iterated and closes the subscription whatever ends it (a disconnect included), so a
-    response that never starts holds nothing.
+    response that never starts holds nothing. A stream ended by the server says why in a
+    last event: `overflow` (the client stopped reading) or `shutdown`.
     """
-    # Subscribe, then read: a change during the read is buffered, never missed.
+    # Subscribe, then read: a change during the read is kept, never missed.
     async with events.subscribe(max_buffer=max_buffer, accept=accept) as subscription:
         yield "retry: 1000\n\n"  # reconnect quickly after an overflow or a restart
         following = current is not None
@@ -151,26 +154,34 @@ async def task_events(
             record = await current()
             if record is None:
                 return
-            info = TaskInfo.from_record(record)
-            yield _event(info)
-            if info.status in FINAL_STATUSES:
+            yield _event(record)
+            if record.status in FINAL_STATUSES:
                 return
-        receive = subscription.receive
         while True:
-            next_info: TaskInfo | None = None
+            first: Change | None = None
             with anyio.move_on_after(heartbeat):
                 try:
-                    next_info = await receive.receive()
-                except anyio.EndOfStream:
+                    first = await anext(subscription)
+                except StopAsyncIteration:
                     if subscription.overflowed:
                         yield _OVERFLOW
+                    elif subscription.ended_by == "shutdown":
+                        yield _SHUTDOWN
                     return
-            if next_info is None:
+            if first is None:
                 yield ": heartbeat\n\n"
                 continue
-            yield _event(next_info)
-            if following and next_info.status in FINAL_STATUSES:
-                return
+            # What else is ready goes out in the same write: one per burst, not per change.
+            chunk = []
+            for change in (first, *subscription.drain()):
+                chunk.append(f"event: task\ndata: {change.json}\n\n")
+                if following and change.record.status in FINAL_STATUSES:
+                    yield "".join(chunk)
+                    return
+            yield "".join(chunk)
+            # Let changes gather before the next write: under load a stream then sends each
+            # task once in its latest state, in a few writes a second, whatever the rate.
+            await anyio.sleep(_PACE)
 
 
 def add_event_routes(

@@ -665,7 +665,7 @@ class Scheduler:
         if isinstance(failure, _TimedOut):
             await self._failed(run, "TaskTimeout", str(failure), None)
         elif isinstance(failure, TaskFailed):
-            await self._failed(run, failure.error_type, failure.message, None)
+            await self._failed(run, failure.error_type, failure.message, None, retry=failure.retry)
         else:
             await self._failed(run, type(failure).__name__, str(failure), failure)
 

@@ -73,3 +73,15 @@ def rm_log(path: str, tag: str) -> str:
 async def rm_sleep_retry(seconds: float, tag: str) -> str:
     await asyncio.sleep(seconds)
     return tag
+
+
+@background_task
+def rm_blob(size: int) -> str:
+    """A result of `size` characters (oversize tests)."""
+    return "x" * size
+
+
+@background_task
+def rm_length(text: str) -> int:
+    """The length of its argument (oversize tests)."""
+    return len(text)

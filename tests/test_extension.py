@@ -143,7 +143,7 @@ async def test_two_apps_in_one_process_are_independent() -> None:
 
 async def test_plain_starlette_app_gets_routes_and_di() -> None:
     async def submit(request: Request) -> JSONResponse:
-        client = get_fastworker(request)
+        client = await get_fastworker(request)
         result = await client.submit_task("ext_square", args=(5,))
         return JSONResponse({"task_id": result.task_id, "result": result.result})
 

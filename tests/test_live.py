@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -255,8 +256,9 @@ async def test_one_task_stream_follows_retries_in_order_and_closes_after_success
                 assert event == "task"
                 info = json.loads(data)
                 seen.append((info["status"], info["attempts"]))
-        # The loop ended because the server closed the stream after the final state.
-        assert seen == [
+        # The loop ended because the server closed the stream after the final state. States
+        # are coalesced per task (a quick retry may show only its latest state), in order.
+        order = [
             ("running", 1),
             ("retrying", 1),
             ("running", 2),
@@ -264,6 +266,9 @@ async def test_one_task_stream_follows_retries_in_order_and_closes_after_success
             ("running", 3),
             ("success", 3),
         ]
+        assert seen[0] == ("running", 1)
+        assert seen[-1] == ("success", 3)
+        assert [order.index(state) for state in seen] == sorted({order.index(s) for s in seen})
         assert heartbeats >= 1
         await eventually(lambda: fw.client.events.subscriber_count == 0)
 
@@ -314,7 +319,10 @@ async def test_all_tasks_stream_filters_and_disconnect_releases_the_subscription
             # Still open; leave while it is idle (only heartbeats flow).
             kind, _ = await anext(events)
             assert kind == "comment"
-        assert statuses == ["queued", "running", "success"]
+        # Coalesced per task: some of queued and running, in order, and always the final state.
+        order = ["queued", "running", "success"]
+        assert statuses[-1] == "success"
+        assert [order.index(x) for x in statuses] == sorted({order.index(x) for x in statuses})
         await eventually(lambda: hub.subscriber_count == 0, message="released on disconnect")
 
         # A status filter: only changes *into* that status.
@@ -358,30 +366,88 @@ def _record(name: str = "live_x") -> TaskRecord:
     )
 
 
-async def test_a_slow_reader_gets_an_overflow_event_then_the_end() -> None:
+def _record_of(task_id: str, status: TaskStatus = TaskStatus.RUNNING) -> TaskRecord:
+    record = _record()
+    record.id = task_id
+    record.status = status
+    return record
+
+
+async def test_a_reader_that_stopped_gets_an_overflow_event_then_the_end() -> None:
     hub = EventHub()
     body = task_events(hub, max_buffer=2, heartbeat=10)
     assert await anext(body) == "retry: 1000\n\n"
-    record = _record()
-    for progress in (0.1, 0.2, 0.3):  # the third does not fit: the subscriber is dropped
-        record.progress = progress
-        hub.publish(record)
+    # Far more tasks than the buffer while the reader takes nothing: it is dropped at once
+    # (the hard bound; a reader silent for `stall_timeout` is dropped at the soft one).
+    for n in range(2 * 64 + 1):
+        hub.publish(_record_of(f"t{n}"))
     assert hub.subscriber_count == 0
     rest = [chunk async for chunk in body]
-    assert [chunk.split("\n", 1)[0] for chunk in rest] == [
-        "event: task",
-        "event: task",
-        "event: overflow",
-    ]
+    assert [chunk.split("\n", 1)[0] for chunk in rest] == ["event: overflow"]
     assert "re-read the state" in rest[-1]
 
 
-async def test_closing_the_hub_ends_streams_quietly() -> None:
+async def test_a_silent_reader_is_dropped_once_past_the_buffer_and_the_stall_timeout() -> None:
+    hub = EventHub()
+    async with hub.subscribe(max_buffer=2, stall_timeout=0) as subscription:
+        hub.publish(_record_of("a"))
+        assert (await anext(subscription)).record.id == "a"  # read once: now silent
+        for task_id in ("b", "c", "d"):
+            hub.publish(_record_of(task_id))
+        assert subscription.overflowed
+        assert [r async for r in subscription] == []
+
+
+async def test_a_waiting_reader_is_not_dropped_by_a_burst_and_sees_each_task_once() -> None:
+    hub = EventHub()
+    async with hub.subscribe(max_buffer=2, stall_timeout=60) as subscription:
+        for n in range(100):  # a burst of 100 tasks, each changing three times
+            for status in (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCESS):
+                hub.publish(_record_of(f"t{n}", status))
+        assert not subscription.overflowed
+        hub.close()
+        seen = [(c.record.id, c.record.status) async for c in subscription]
+    assert seen == [(f"t{n}", TaskStatus.SUCCESS) for n in range(100)]
+
+
+async def test_coalescing_keeps_the_latest_state_and_the_order_of_first_changes() -> None:
+    hub = EventHub()
+    async with hub.subscribe(max_buffer=8) as subscription:
+        hub.publish(_record_of("a"))
+        hub.publish(_record_of("b"))
+        hub.publish(_record_of("a", TaskStatus.SUCCESS))
+        assert (await anext(subscription)).record.id == "a"
+        hub.publish(_record_of("b", TaskStatus.FAILURE))  # not sent yet: sent in this state
+        hub.publish(_record_of("a", TaskStatus.SUCCESS))  # a new change after it was sent
+        b = (await anext(subscription)).record
+        assert (b.id, b.status) == ("b", TaskStatus.FAILURE)
+        assert (await anext(subscription)).record.id == "a"
+
+
+async def test_a_burst_goes_out_as_one_chunk_and_each_change_is_serialised_once() -> None:
+    hub = EventHub()
+    bodies = [task_events(hub, max_buffer=8, heartbeat=10) for _ in range(2)]
+    for body in bodies:
+        await anext(body)
+    for n in range(3):
+        hub.publish(_record_of(f"t{n}"))
+    chunks = [await anext(body) for body in bodies]
+    assert chunks[0] == chunks[1]
+    assert re.findall(r"^event: (\w+)", chunks[0], re.M) == ["task"] * 3
+    for body in bodies:
+        await body.aclose()
+
+
+async def test_closing_the_hub_ends_streams_with_a_shutdown_event() -> None:
     hub = EventHub()
     body = task_events(hub, max_buffer=8, heartbeat=10)
     await anext(body)
+    hub.publish(_record_of("pending"))
     hub.close()  # what the extension does at shutdown
-    assert [chunk async for chunk in body] == []
+    rest = "".join([chunk async for chunk in body])
+    assert re.findall(r"^event: (\w+)", rest, re.M) == ["task", "shutdown"]
+    later = task_events(hub, max_buffer=8, heartbeat=10)  # opened after: ends at once
+    assert [chunk.split("\n", 1)[0] async for chunk in later] == ["retry: 1000", "event: shutdown"]
 
 
 # -- auth, options, dashboard route ---------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -352,3 +353,24 @@ async def test_pair0_send_to_a_peer_that_hangs_up_during_the_handshake() -> None
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_an_oversize_message_is_reported_with_its_start_then_the_peer_is_dropped() -> None:
+    inbox = Inbox()
+    oversize: list[tuple[bytes, int]] = []
+    done = asyncio.Event()
+
+    def on_oversize(head: bytes, size: int) -> None:
+        oversize.append((head, size))
+        done.set()
+        raise RuntimeError("a failing callback is logged, not raised")
+
+    listener = Pair0Listener(inbox, max_message_size=16, on_oversize=on_oversize)
+    async with listener:
+        payload = b'{"task_id": "t1", "result": "' + b"x" * 100 + b'"}'
+        with contextlib.suppress(Pair0ConnectionError):  # the listener may close first
+            await pair0_send(listener.address, payload, timeout=DEADLINE)
+        await asyncio.wait_for(done.wait(), DEADLINE)
+    assert oversize[0][1] == len(payload)
+    assert payload.startswith(oversize[0][0]) and oversize[0][0].startswith(b'{"task_id": "t1"')
+    assert inbox.messages == []

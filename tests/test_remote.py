@@ -41,7 +41,7 @@ from fastworker_fastapi._control_plane import (
     find_control_plane_ports,
     find_fastworker_executable,
 )
-from fastworker_fastapi._nng import format_tcp_address, pair0_send
+from fastworker_fastapi._nng import MAX_MESSAGE_SIZE, format_tcp_address, pair0_send
 from fastworker_fastapi.records import TaskPolicy, TaskRecord
 from fastworker_fastapi.tasks import TaskRegistry
 from fastworker_fastapi.workers.remote import RemoteExecutor, _outcome
@@ -676,3 +676,20 @@ def test_the_example_app_uses_two_spawned_planes_in_remote_mode(
 
     monkeypatch.setenv("FASTWORKER_MODE", "remote")
     assert choose_workers() == RemoteWorkers(spawn=2)
+
+
+async def test_oversize_arguments_and_results_fail_at_once_and_clearly() -> None:
+    # lanes=0: every result comes back as a callback, whose size the listener bounds.
+    workers = settings(spawn=1, lanes=0, task_deadline=120)
+    async with remote_app(workers, max_result_bytes=64 << 20) as (fw, _):
+        big_argument = await fw.client.delay("rm_length", "y" * (MAX_MESSAGE_SIZE + 1))
+        big_result = await fw.client.delay("rm_blob", MAX_MESSAGE_SIZE + 1)
+        fine = await fw.client.delay("rm_length", "y" * 1000)
+        argument = await fw.client.wait(big_argument, timeout=60)
+        result = await fw.client.wait(big_result, timeout=60)
+        assert (await fw.client.wait(fine, timeout=60)).result == 1000
+    # Their own errors (not WorkerLost at the deadline), and not retried.
+    assert argument.error is not None and argument.error.startswith("PayloadTooLarge:")
+    assert "limit of a request to a control plane" in argument.error
+    assert result.error is not None and result.error.startswith("ResultTooLarge:")
+    assert "limit of a callback" in result.error

@@ -49,7 +49,7 @@ from fastworker_fastapi._control_plane import (
     find_control_plane_ports,
     make_task_dict,
 )
-from fastworker_fastapi._nng import Pair0Listener, parse_tcp_address
+from fastworker_fastapi._nng import MAX_MESSAGE_SIZE, Pair0Listener, parse_tcp_address
 from fastworker_fastapi.errors import ConfigurationError, TaskFailed
 from fastworker_fastapi.records import PRIORITY_LEVELS, TaskPolicy
 from fastworker_fastapi.tasks import TaskDefinition
@@ -285,7 +285,10 @@ class RemoteExecutor:
     async def _start(self, task_group: TaskGroup) -> None:
         s = self._settings
         self._listener = Pair0Listener(
-            self._on_callback, host=s.callback_host, port=s.callback_port
+            self._on_callback,
+            host=s.callback_host,
+            port=s.callback_port,
+            on_oversize=self._on_oversize_callback,
         )
         try:
             await self._listener.start()
@@ -331,6 +334,16 @@ class RemoteExecutor:
         deadline = self._settings.task_deadline if record.policy.timeout is None else None
         plane = slot
         plane.reserved -= 1  # the slot becomes an in-flight task below
+        size = _payload_size(record.args, record.kwargs)
+        if size > MAX_MESSAGE_SIZE:
+            self._wake_slots()  # the slot is free again
+            raise TaskFailed(
+                "PayloadTooLarge",
+                f"the arguments of task {record.id} are {size} bytes as JSON, over the "
+                f"{MAX_MESSAGE_SIZE}-byte limit of a request to a control plane; pass a "
+                "reference (a key, a URL) to large data instead",
+                retry=False,
+            )
         while True:
             waiter = self._dispatch(record, plane, level)
             try:
@@ -514,6 +527,24 @@ class RemoteExecutor:
             logger.warning("ignoring a callback that is not a FastWorker result: %.200r", message)
             return
         self._settle(wire_id, data)
+
+    def _on_oversize_callback(self, head: bytes, size: int) -> None:
+        """A callback above the listener's limit: fail its task now, not at the deadline."""
+        match = _TASK_ID.search(head)
+        waiter = self._waiters.get(match.group(1).decode()) if match else None
+        if waiter is None:
+            logger.warning("an oversize callback (%d bytes) names no task in flight", size)
+            return
+        _fail(
+            waiter,
+            TaskFailed(
+                "ResultTooLarge",
+                f"the result of task {waiter.wire_id.partition('.')[0]} is {size} bytes as "
+                f"JSON, over the {MAX_MESSAGE_SIZE}-byte limit of a callback from a control "
+                "plane; return a smaller result (store large data elsewhere, return a key)",
+                retry=False,
+            ),
+        )
 
     def _settle(self, wire_id: object, data: dict[str, Any]) -> None:
         waiter = self._waiters.get(wire_id) if isinstance(wire_id, str) else None
@@ -784,6 +815,16 @@ class RemoteExecutor:
                 "importable module (not __main__) or pass task_modules=[...]"
             )
         return modules
+
+
+_TASK_ID = re.compile(rb'"task_id"\s*:\s*"([^"\\]{1,200})"')
+
+
+def _payload_size(args: Any, kwargs: Any) -> int:
+    """The JSON size of a task's arguments; quick for the usual small ones."""
+    if not args and not kwargs:
+        return 0
+    return len(json.dumps([args, kwargs], ensure_ascii=False).encode())
 
 
 def _fail(waiter: _Waiter, exc: BaseException) -> None:

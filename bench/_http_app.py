@@ -1,0 +1,36 @@
+"""The apps `bench/http.py` serves with uvicorn: `plain` (no extension) and `ext` (with it).
+
+Both have `GET /ping` (no background work); `plain` has `POST /work` using Starlette's
+`BackgroundTasks`, `ext` has `POST /work` calling `client.delay()` for the same function.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import BackgroundTasks, FastAPI
+
+from bench.tasks import bench_noop
+from fastworker_fastapi import FastWorker, TaskClientDep
+
+app = FastAPI()
+
+
+@app.get("/ping")
+async def ping() -> dict[str, bool]:
+    return {"ok": True}
+
+
+if os.environ.get("BENCH_APP", "plain") == "ext":
+    fw = FastWorker(app, store="memory", max_pending=100_000, max_results=1000)
+
+    @app.post("/work")
+    async def work_with_delay(client: TaskClientDep) -> dict[str, str]:
+        return {"task_id": await client.delay("bench_noop", 1)}
+
+else:
+
+    @app.post("/work")
+    async def work_with_background_tasks(background: BackgroundTasks) -> dict[str, str]:
+        background.add_task(bench_noop.__wrapped__, 1)
+        return {"task_id": "-"}

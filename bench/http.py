@@ -1,0 +1,147 @@
+"""Per-request cost over HTTP: real uvicorn (one core), wrk (the other core), `make bench`.
+
+Variants, all in one run and interleaved round by round (the median of `ROUNDS`):
+- `GET /ping` on an app without the extension and on the same app with it;
+- `POST /work` with Starlette's `BackgroundTasks` (no extension) and with `client.delay()`;
+- `GET /tasks/{id}` (a status read) on the app with the extension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", "3"))
+SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "5"))
+CONNECTIONS = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pin(core: int) -> list[str]:
+    cores = os.cpu_count() or 1
+    return ["taskset", "-c", str(core % cores)] if shutil.which("taskset") and cores > 1 else []
+
+
+@contextlib.contextmanager
+def _server(variant: str):  # type: ignore[no-untyped-def]
+    port = _free_port()
+    env = {**os.environ, "BENCH_APP": variant, "FASTWORKER_STORE": "memory"}
+    proc = subprocess.Popen(
+        [*_pin(0), sys.executable, "-m", "uvicorn", "bench._http_app:app", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env=env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"uvicorn ({variant}) did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _wrk(url: str, method: str = "GET") -> tuple[float, float, float]:
+    """requests/s, p50 ms, p99 ms."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f'wrk.method = "{method}"\n')
+    try:
+        out = subprocess.run(
+            [*_pin(1), "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency",
+             "-s", script.name, url],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    finally:
+        os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+    if "Non-2xx" in out:
+        raise RuntimeError(f"{url}: non-2xx answers\n{out}")
+    return rps, pct("50"), pct("99")
+
+
+def run() -> tuple[list[str], list[tuple[str, float, str, bool]]]:
+    """The HTTP section of docs/benchmarks.md and its checks; none without wrk."""
+    if shutil.which("wrk") is None:
+        print("http: wrk not found, skipped (apt-get install wrk)")
+        return [], []
+    results: dict[str, list[tuple[float, float, float]]] = {}
+    for _ in range(ROUNDS):
+        with _server("plain") as url:
+            results.setdefault("plain /ping", []).append(_wrk(f"{url}/ping"))
+            results.setdefault("plain /work", []).append(_wrk(f"{url}/work", "POST"))
+        with _server("ext") as url:
+            results.setdefault("ext /ping", []).append(_wrk(f"{url}/ping"))
+            results.setdefault("ext /work", []).append(_wrk(f"{url}/work", "POST"))
+            request = urllib.request.Request(f"{url}/work", method="POST")
+            body = urllib.request.urlopen(request).read().decode()
+            task_id = re.search(r'"task_id":"([^"]+)"', body).group(1)  # type: ignore[union-attr]
+            results.setdefault("ext status", []).append(_wrk(f"{url}/tasks/{task_id}"))
+    med = {
+        key: tuple(statistics.median(x[i] for x in runs) for i in range(3))
+        for key, runs in results.items()
+    }
+    labels = {
+        "plain /ping": "`GET /ping`, no extension",
+        "ext /ping": "`GET /ping`, extension installed",
+        "plain /work": "`POST /work` with `BackgroundTasks`, no extension",
+        "ext /work": "`POST /work` with `client.delay()`",
+        "ext status": "`GET /tasks/{id}` (status read)",
+    }
+    base = {"ext /ping": "plain /ping", "ext /work": "plain /work", "ext status": "ext /ping"}
+    lines = [
+        f"## Per-request cost over HTTP (uvicorn on one core, wrk on the other, "
+        f"{CONNECTIONS} connections, {SECONDS} s, median of {ROUNDS} rounds)",
+        "",
+        "| route | req/s | p50 ms | p99 ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in labels.items():
+        rps, p50, p99 = med[key]
+        ratio = f"{rps / med[base[key]][0]:.2f} of {base[key]}" if key in base else "1.00"
+        lines.append(f"| {label} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio} |")
+        print(f"http {key:12} {rps:9,.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+    lines.append("")
+    ping = med["ext /ping"][0] / med["plain /ping"][0]
+    work = med["ext /work"][0] / med["plain /work"][0]
+    checks = [
+        ("GET /ping with the extension / without", ping, ">= 0.95", ping >= 0.95),
+        ("delay() route / BackgroundTasks route", work, ">= 0.90", work >= 0.90),
+    ]
+    return lines, checks
