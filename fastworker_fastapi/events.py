@@ -5,10 +5,11 @@ Two kinds of consumers:
 - *listeners*: synchronous functions called in the publisher's task for every change
   (callback delivery uses one to learn that a task finished). They must be quick and must
   not raise; an exception is logged and swallowed so a bad listener cannot break a worker.
-- *subscriptions*: the latest unsent state of each task, read by an async consumer (event
-  streams), coalesced per task so a reader that keeps reading keeps up. Publishing never
-  waits for a reader: one that stops reading is ended and flagged `overflowed`, so it
-  learns that it missed changes instead of silently losing some of them.
+- *subscriptions*: readers of one shared change log (the latest change of each task, in the
+  order they last changed), each holding only its position, so publishing costs the same
+  however many streams are open. A reader takes each task once, in its latest state, so one
+  that keeps reading keeps up; one that falls too far behind is ended and flagged
+  `overflowed`, so it learns that it missed changes instead of silently losing some.
 
 A third, for `wait()`: *final waiters*, futures keyed by task id that the first final record
 published for that id resolves, whichever process wrote it (a store publishes other
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -41,13 +41,14 @@ RecordFilter = Callable[["TaskRecord"], bool]
 
 class Change:
     """One published change as a subscription holds it: the record and, made once for all
-    subscriptions on first use, its `TaskInfo` JSON."""
+    subscriptions on first use, its `TaskInfo` JSON and its server-sent event."""
 
-    __slots__ = ("_json", "record")
+    __slots__ = ("_event", "_json", "record")
 
     def __init__(self, record: TaskRecord) -> None:
         self.record = record
         self._json: str | None = None
+        self._event: str | None = None
 
     @property
     def json(self) -> str:
@@ -55,67 +56,77 @@ class Change:
             self._json = task_json(self.record)
         return self._json
 
+    @property
+    def event(self) -> str:
+        """`event: task` with the JSON as its data, as streams send it."""
+        if self._event is None:
+            self._event = f"event: task\ndata: {self.json}\n\n"
+        return self._event
+
 
 class Subscription:
-    """The latest unsent state of each task it follows; iterate it with `async for`.
+    """A reader of the hub's change log: each task it follows, in its latest state.
 
-    Changes are coalesced per task: a task that changes several times before the reader
-    gets to it is sent once, in its latest state (so its final state is never skipped), in
-    the order its first unsent change came. A reader that keeps reading therefore keeps up
-    whatever the rate of changes. Publishing never waits: a subscription holding more than
-    `max_buffer` tasks whose reader has taken nothing for `stall_timeout` seconds (or more
-    than `_HARD_FACTOR` times as many, whatever the reader does) is ended and flagged
-    `overflowed`, so that reader learns it missed changes instead of holding memory.
+    The hub keeps one log for every subscription: the latest change of each task, ordered
+    by when it last changed, each with a sequence number. A subscription holds only its
+    position in it, so publishing costs the same with one open stream or two hundred, and
+    a reader that does not read costs nothing. When it reads, it takes every task changed
+    since its position, each once in its latest state (so a final state is never skipped),
+    oldest change first. A reader that fell more than `max_buffer * 64` tasks behind, or
+    behind the start of the log, missed changes: it is ended and flagged `overflowed`, so
+    it learns that instead of being given a partial picture.
     """
 
-    def __init__(
-        self, hub: EventHub, max_buffer: int, accept: RecordFilter | None, stall_timeout: float
-    ) -> None:
+    def __init__(self, hub: EventHub, max_buffer: int, accept: RecordFilter | None) -> None:
         self._hub = hub
         self.accept = accept
         self.max_buffer = max_buffer
-        self.stall_timeout = stall_timeout
         self.overflowed = False
         self.closed = False
         self.ended_by: str | None = None  # "overflow" or "shutdown", once ended
-        self._pending: dict[str, Change] = {}  # task id -> its latest unsent change
-        self._order: list[str] = []  # ids as their first unsent change came
-        self._batch: list[str] = []  # ids taken from _order, to send now, last one first
-        self._wake = asyncio.Event()
-        self._read_at: float | None = None  # when the reader last took a change; None: waiting
+        self._cursor = hub._seq  # the last change seen
+        self._ready: dict[str, Change] = {}  # task id -> latest change not handed out yet
+        self._waiter: asyncio.Future[None] | None = None
 
-    def _offer(self, change: Change) -> None:
-        pending = self._pending
-        task_id = change.record.id
-        if task_id not in pending:
-            self._order.append(task_id)
-        pending[task_id] = change  # a task already waiting keeps its place, takes the state
-        if len(pending) > self.max_buffer and self._stalled(len(pending)):
+    def _collect(self) -> None:
+        """Move the changes since the cursor into `_ready`, oldest first."""
+        hub = self._hub
+        if hub._seq == self._cursor or self.closed:
+            return
+        limit = self.max_buffer * _HARD_FACTOR
+        fresh: list[Change] = []
+        if self._cursor >= hub._floor:
+            for seq, change in reversed(hub._log.values()):  # newest first
+                if seq <= self._cursor:
+                    break
+                fresh.append(change)
+                if len(fresh) > limit:
+                    break
+        if self._cursor < hub._floor or len(fresh) > limit:
             self.overflowed = True
-            self._forget()
+            self._ready = {}
             self._end("overflow")
             return
-        self._wake.set()
-
-    def _stalled(self, size: int) -> bool:
-        if size > self.max_buffer * _HARD_FACTOR:
-            return True
-        now = time.monotonic()
-        if self._read_at is None:  # the reader waits for changes: it is about to read
-            self._read_at = now
-            return False
-        return now - self._read_at > self.stall_timeout
+        self._cursor = hub._seq
+        ready, accept = self._ready, self.accept
+        for change in reversed(fresh):
+            if accept is None or accept(change.record):
+                ready.pop(change.record.id, None)  # an older state not handed out: replaced
+                ready[change.record.id] = change
 
     def _end(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
             self.ended_by = reason
-            self._hub._subscriptions.discard(self)
-            self._wake.set()
+            self._hub._unsubscribe(self)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
 
     def close(self, reason: str = "closed") -> None:
         """Stop receiving: the reader gets what is pending, then the end of the stream."""
-        self._end(reason)
+        if not self.closed:
+            self._collect()
+            self._end(reason)
 
     def __aiter__(self) -> Subscription:
         return self
@@ -123,54 +134,53 @@ class Subscription:
     def drain(self) -> list[Change]:
         """Everything ready now, without waiting (after `anext` returned one): lets a reader
         send a burst as one write."""
-        ids = self._batch
-        ids.reverse()
-        ids += self._order
-        self._batch, self._order = [], []
-        pending = self._pending
-        if ids:
-            self._read_at = time.monotonic()
-        return [pending.pop(task_id) for task_id in ids]
+        self._collect()
+        ready = list(self._ready.values())
+        self._ready = {}
+        return ready
 
     async def __anext__(self) -> Change:
         while True:
-            if self._batch:
-                self._read_at = time.monotonic()
-                return self._pending.pop(self._batch.pop())  # its state as of now
-            if self._order:
-                self._order.reverse()
-                self._batch, self._order = self._order, []
-                continue
+            if not self._ready:
+                self._collect()
+            if self._ready:
+                task_id = next(iter(self._ready))
+                return self._ready.pop(task_id)
             if self.closed:
                 raise StopAsyncIteration
-            self._read_at = None
-            self._wake.clear()
-            await self._wake.wait()
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            self._hub._readers.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     async def __aenter__(self) -> Subscription:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-        self._forget()
-
-    def _forget(self) -> None:
-        self._pending = {}
-        self._order = []
-        self._batch = []
+        self._end("closed")
+        self._ready = {}
 
 
 _HARD_FACTOR = 64
+_LOG_MAX = 16_384  # tasks in the change log: a reader further behind has missed changes
 
 
 class EventHub:
     """Fan-out of task changes to listeners and subscriptions."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, log_max: int = _LOG_MAX) -> None:
         self._listeners: list[Listener] = []
         self._remote_listeners: list[Listener] = []
         self._final_listeners: list[tuple[Listener, str | None]] = []
         self._subscriptions: set[Subscription] = set()
+        # The change log the subscriptions read (kept only while there are any).
+        self._log: dict[str, tuple[int, Change]] = {}  # task id -> (seq, latest change)
+        self._seq = 0
+        self._floor = 0  # the newest seq dropped from the log's start
+        self._log_max = log_max
+        self._readers: list[asyncio.Future[None]] = []  # subscriptions waiting for a change
         self._waiters: dict[str, list[asyncio.Future[TaskRecord]]] = {}
         self._closed: str | None = None  # why subscriptions were ended for good
 
@@ -217,24 +227,26 @@ class EventHub:
         return remove_any
 
     def subscribe(
-        self,
-        *,
-        max_buffer: int = 256,
-        accept: RecordFilter | None = None,
-        stall_timeout: float = 5.0,
+        self, *, max_buffer: int = 256, accept: RecordFilter | None = None
     ) -> Subscription:
         """A new subscription; close it (or use `async with`) to release it.
 
         After `close()` (shutdown) a new subscription starts ended, so a stream opened while
         the server stops ends at once too.
         """
-        subscription = Subscription(self, max_buffer, accept, stall_timeout)
+        subscription = Subscription(self, max_buffer, accept)
         if self._closed is not None:
             subscription.closed = True
             subscription.ended_by = self._closed
             return subscription
         self._subscriptions.add(subscription)
         return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        if not self._subscriptions:  # nobody reads the log: drop it
+            self._log = {}
+            self._floor = self._seq
 
     @property
     def subscriber_count(self) -> int:
@@ -280,11 +292,21 @@ class EventHub:
             for listener, when in self._final_listeners:
                 if when is None or getattr(record, when) is not None:
                     self._call(listener, record)
-        if self._subscriptions:
-            change = Change(record)
-            for subscription in tuple(self._subscriptions):
-                if subscription.accept is None or subscription.accept(record):
-                    subscription._offer(change)
+        if self._subscriptions:  # one log entry, however many read it
+            seq = self._seq = self._seq + 1
+            log = self._log
+            task_id = record.id
+            if task_id in log:
+                del log[task_id]  # re-added at the end: the log is ordered by last change
+            log[task_id] = (seq, Change(record))
+            if len(log) > self._log_max:
+                self._floor = log.pop(next(iter(log)))[0]
+            readers = self._readers
+            if readers:
+                self._readers = []
+                for reader in readers:
+                    if not reader.done():
+                        reader.set_result(None)
 
     @staticmethod
     def _call(listener: Listener, record: TaskRecord) -> None:

@@ -221,7 +221,7 @@ class FastWorker(ClientMethods):
         """
         if self.client.running:
             raise ConfigurationError("this FastWorker is already running")
-        hub = EventHub()
+        hub = EventHub(log_max=max(1024, self.event_buffer * 64))
         store = resolve_store(self.store_setting)
         executor = self.workers.build_executor(self.registry)
         async with anyio.create_task_group() as task_group:

@@ -174,7 +174,7 @@ async def task_events(
             # What else is ready goes out in the same write: one per burst, not per change.
             chunk = []
             for change in (first, *subscription.drain()):
-                chunk.append(f"event: task\ndata: {change.json}\n\n")
+                chunk.append(change.event)
                 if following and change.record.status in FINAL_STATUSES:
                     yield "".join(chunk)
                     return
