@@ -78,8 +78,8 @@ class FastWorker(ClientMethods):
       retries, concurrency).
     - `dashboard`: serve the monitoring page at `{prefix}/dashboard` (on by default);
     - `event_heartbeat`: seconds between heartbeats on idle event streams;
-    - `event_buffer`: tasks with unsent changes an event stream may hold for a client that
-      stopped reading before it is dropped (changes are coalesced per task);
+    - `event_buffer`: how far behind a stream's client may fall (64 times this many changed
+      tasks) before it is dropped with an `overflow` event (changes are coalesced per task);
     - `max_result_bytes`: the largest result (as JSON) a task may return; a larger one
       fails the task with a clear error;
     - `client_kwargs`: accepted for code written for fastworker's own FastAPI glue
