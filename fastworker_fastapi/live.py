@@ -17,7 +17,8 @@ Publishing never waits for a stream: streams read one shared change log by posit
 so a client that keeps reading keeps up and always gets each task's final state; a client
 that fell too far behind gets a final `overflow` event and its stream closes. An
 `EventSource` then reconnects by itself and should re-read the state (`GET /tasks/{id}` or
-`GET /tasks`), which is what the dashboard does. A client that disconnects releases its subscription at once.
+`GET /tasks`), which is what the dashboard does. A client that disconnects releases its
+subscription at once.
 """
 
 from __future__ import annotations
