@@ -145,14 +145,6 @@ class Scheduler:
         self._mark_running = getattr(store, "mark_running", None)
         self._mark_succeeded = getattr(store, "mark_succeeded", None)
 
-    @property
-    def owner(self) -> str:
-        return self.store.owner
-
-    def run_of(self, task_id: str) -> _Run | None:
-        """The live run of a task this process owns, if any."""
-        return self._runs.get(task_id)
-
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, task_group: TaskGroup) -> None:
