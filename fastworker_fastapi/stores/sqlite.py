@@ -367,20 +367,21 @@ class SQLiteStore:
                 (seq,) = conn.execute(
                     "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value"
                 ).fetchone()
-                if len(ops) == 1:  # alone in its transaction: no savepoint needed
-                    ((op, future),) = ops
+                pending = self._coalesce(ops) if len(ops) > 1 else [(ops[0][0], [ops[0][1]])]
+                if len(pending) == 1:  # alone in its transaction: no savepoint needed
+                    ((op, futures),) = pending
                     result, records = op(conn, seq)  # a failure rolls the whole back
-                    outcomes.append((future, result, None, records))
-                for op, future in ops if len(ops) > 1 else ():
+                    _settled(outcomes, futures, result, None, records)
+                for op, futures in pending if len(pending) > 1 else ():
                     if getattr(op, "single_statement", False):
                         # One statement is atomic by itself: no savepoint (each statement
                         # is a round trip for the GIL, which the event loop also wants).
                         try:
                             result, records = op(conn, seq)
                         except Exception as exc:
-                            outcomes.append((future, None, exc, ()))
+                            _settled(outcomes, futures, None, exc, ())
                         else:
-                            outcomes.append((future, result, None, records))
+                            _settled(outcomes, futures, result, None, records)
                         continue
                     conn.execute("SAVEPOINT op")
                     try:
@@ -388,10 +389,10 @@ class SQLiteStore:
                     except Exception as exc:
                         conn.execute("ROLLBACK TO op")
                         conn.execute("RELEASE op")
-                        outcomes.append((future, None, exc, ()))
+                        _settled(outcomes, futures, None, exc, ())
                     else:
                         conn.execute("RELEASE op")
-                        outcomes.append((future, result, None, records))
+                        _settled(outcomes, futures, result, None, records)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -478,6 +479,14 @@ class SQLiteStore:
         """`update`, queued at once: this store applies one process's writes in the order
         they were made, so a caller that needs no answer yet (the scheduler marking a task
         RUNNING) need not wait for the commit before going on."""
+        future: asyncio.Future[TaskRecord | None] = self._submit(
+            self._update_op(task_id, expect_owner, expect_attempts, changes)
+        )
+        return future
+
+    def _update_op(
+        self, task_id: str, expect_owner: str | None, expect_attempts: int, changes: dict[str, Any]
+    ) -> Op:
         sql, params = self._prepare(changes)
 
         def op(conn: sqlite3.Connection, seq: int) -> tuple[TaskRecord | None, Sequence[Any]]:
@@ -487,9 +496,38 @@ class SQLiteStore:
             return record, () if record is None else (record,)
 
         op.single_statement = True  # type: ignore[attr-defined]
+        op.cas = (task_id, expect_owner, expect_attempts, changes)  # type: ignore[attr-defined]
+        return op
 
-        future: asyncio.Future[TaskRecord | None] = self._submit(op)
-        return future
+    def _coalesce(self, ops: list[tuple[Op, asyncio.Future[Any]]]) -> list[_Pending]:
+        """Merge the writes of one task that follow each other in this batch (a task marked
+        RUNNING and finished before the writer got to it) into one compare-and-set: the
+        second expects what the first leaves, so applying both at once is the same, at
+        one statement instead of two. Writer thread only."""
+        merged: list[_Pending] = []
+        last: dict[str, int] = {}  # task id -> index in `merged` of its latest write
+        for op, future in ops:
+            cas = getattr(op, "cas", None)
+            if cas is not None:
+                task_id, owner, attempts, changes = cas
+                index = last.get(task_id)
+                if index is not None:
+                    prev_op, prev_futures = merged[index]
+                    _, p_owner, p_attempts, p_changes = prev_op.cas  # type: ignore[attr-defined]
+                    if (
+                        p_changes.get("owner", p_owner) == owner
+                        and p_changes.get("attempts", p_attempts) == attempts
+                    ):
+                        both = self._update_op(
+                            task_id, p_owner, p_attempts, {**p_changes, **changes}
+                        )
+                        merged[index] = (both, [*prev_futures, future])
+                        continue
+                last[task_id] = len(merged)
+            else:
+                last.clear()  # an insert or a multi-row op: keep the order as it is
+            merged.append((op, [future]))
+        return merged
 
     def _row(self, record: TaskRecord) -> tuple[Any, ...]:
         data = record.to_json()
@@ -969,6 +1007,21 @@ def _decode_many(rows: Iterable[str]) -> Iterable[TaskRecord]:
         record = _decode_or_none(data)
         if record is not None:
             yield record
+
+
+_Pending = tuple[Op, list[asyncio.Future[Any]]]
+
+
+def _settled(
+    outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None, Sequence[Any]]],
+    futures: list[asyncio.Future[Any]],
+    result: Any,
+    error: BaseException | None,
+    records: Sequence[Any],
+) -> None:
+    """One outcome per future of a (possibly merged) write; its records published once."""
+    for index, future in enumerate(futures):
+        outcomes.append((future, result, error, records if index == len(futures) - 1 else ()))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

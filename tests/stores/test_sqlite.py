@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -185,3 +187,36 @@ async def test_stale_hint_sockets_are_removed(tmp_path: Path) -> None:
         assert not stale.exists()
         assert os.listdir(hints) == [a.store.owner]
     assert os.listdir(hints) == []
+
+
+async def test_writes_of_one_task_queued_together_become_one_statement(tmp_path: Path) -> None:
+    """RUNNING then SUCCESS of a task queued before the writer got to them: one compare-and-
+    set with both changes, both callers answered, the final state published once."""
+    store = SQLiteStore(tmp_path / "tasks.db")
+    async with opened(store) as a:
+        owner = store.owner
+        record = make_record(owner=owner)
+        await store.insert([record])
+        loop = asyncio.get_running_loop()
+        running = store._update_op(
+            record.id, owner, 0, {"status": TaskStatus.RUNNING, "attempts": 1}
+        )
+        success = store._update_op(record.id, owner, 1, {"status": TaskStatus.SUCCESS, "result": 3})
+        stale = store._update_op(record.id, owner, 0, {"result": 4})  # expects attempt 0: apart
+        futures = [loop.create_future() for _ in range(3)]
+        merged = store._coalesce(list(zip((running, success, stale), futures, strict=True)))
+        assert [len(waiting) for _, waiting in merged] == [2, 1]
+        a.seen.clear()
+        outcomes: list[Any] = []
+        with sqlite3.connect(store.path, isolation_level=None) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, waiting in merged:
+                result, records = op(conn, 10**9)
+                outcomes.append((result, len(waiting), len(records)))
+            conn.execute("COMMIT")
+        done = outcomes[0][0]
+        assert (done.status, done.attempts, done.result) == (TaskStatus.SUCCESS, 1, 3)
+        assert outcomes[0][1:] == (2, 1)
+        assert outcomes[1][0] is None  # the stale write matched nothing
+        got = await store.get(record.id)
+        assert got is not None and (got.status, got.attempts) == (TaskStatus.SUCCESS, 1)
