@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -208,7 +209,7 @@ async def test_writes_of_one_task_queued_together_become_one_statement(tmp_path:
         assert [len(waiting) for _, waiting in merged] == [2, 1]
         a.seen.clear()
         outcomes: list[Any] = []
-        with sqlite3.connect(store.path, isolation_level=None) as conn:
+        with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as conn:
             conn.execute("BEGIN IMMEDIATE")
             for op, waiting in merged:
                 result, records = op(conn, 10**9)
