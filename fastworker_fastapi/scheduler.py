@@ -246,15 +246,8 @@ class Scheduler:
         run = runs[record.id] = _Run(record, definition)
         if delay > 0 or self._closing:
             self._place(run, delay)
-            return True
-        # _enqueue, inlined: this is every submission's path
-        self._queues[_LEVELS[record.priority]].append(run)
-        idle = self._idle
-        while idle:
-            waiter = idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        else:
+            self._enqueue(run)
         return True
 
     async def submit(self, record: TaskRecord, definition: TaskDefinition, delay: float) -> None:

@@ -41,7 +41,6 @@ class MemoryStore:
         self.owner = uuid.uuid4().hex
         self.result_ttl = 3600.0
         self.max_results = 10_000
-        self._hub: EventHub | None = None
         self._publish: Callable[[TaskRecord], None] = _not_open
         self._records: dict[str, TaskRecord] = {}
         # Two deques rather than one of tuples: no object per task for the GC to walk.
@@ -53,16 +52,9 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._records)
 
-    @property
-    def hub(self) -> EventHub:
-        if self._hub is None:
-            raise RuntimeError("the store is not open")
-        return self._hub
-
     async def open(
         self, hub: EventHub, task_group: TaskGroup, *, result_ttl: float, max_results: int
     ) -> None:
-        self._hub = hub
         self._publish = hub.publish
         self.result_ttl = result_ttl
         self.max_results = max_results

@@ -82,16 +82,9 @@ from fastworker_fastapi.records import (
     TaskRecord,
     dumps,
 )
+from fastworker_fastapi.stores._hosts import host_key, proc_start, process_gone
 from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
-from fastworker_fastapi.stores.sqlite import (
-    _encode,
-    _epoch,
-    _host_key,
-    _micros,
-    _proc_start,
-    _process_gone,
-    _schedule_state,
-)
+from fastworker_fastapi.stores.sqlite import _encode, _epoch, _micros, _schedule_state
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -242,7 +235,7 @@ class PostgresStore:
         self._writes = itertools.count()
         self._doubtful: list[tuple[list[str], str]] = []  # inserts whose commit is unknown
         self._update_sql: dict[tuple[str, ...], str] = {}
-        self._host, self._pid, self._started = _host_key(), os.getpid(), _proc_start(os.getpid())
+        self._host, self._pid, self._started = host_key(), os.getpid(), proc_start(os.getpid())
         s = schema
         self._sql_insert = (
             f"WITH i AS (INSERT INTO {s}.tasks (id, xid, writer, write_id, name, status, owner,"
@@ -746,7 +739,7 @@ class PostgresStore:
         for owner, host, pid, started, expired in await cur.fetchall():
             if expired:
                 dead[owner] = f"the lease of owner {owner} expired"
-            elif host is not None and host == self._host and _process_gone(pid, started):
+            elif host is not None and host == self._host and process_gone(pid, started):
                 dead[owner] = f"process {pid} (owner {owner}) is gone"
         # Tasks whose owner row is gone (closed, or judged dead by a process that died
         # before releasing them) are released too.

@@ -70,6 +70,7 @@ from fastworker_fastapi.records import (
     TaskRecord,
     dumps,
 )
+from fastworker_fastapi.stores._hosts import host_key, proc_start, process_gone
 from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class SQLiteStore:
         self._wake = asyncio.Event()
         self._last_seq = 0
         self._data_version = -1
-        self._host, self._pid, self._started = _host_key(), os.getpid(), _proc_start(os.getpid())
+        self._host, self._pid, self._started = host_key(), os.getpid(), proc_start(os.getpid())
         self._hints: _Hints | None = None
         self._update_sql: dict[tuple[str, ...], str] = {}
         # This process's own unfinished tasks as last written, so that a write needs no
@@ -750,7 +751,7 @@ class SQLiteStore:
         ):
             if expires < now:
                 dead[owner] = f"the lease of owner {owner} expired"
-            elif host is not None and host == self._host and _process_gone(pid, started):
+            elif host is not None and host == self._host and process_gone(pid, started):
                 dead[owner] = f"process {pid} (owner {owner}) is gone"
         # Tasks whose owner row is gone (closed, or judged dead by a process that died
         # before releasing them) are released too.
@@ -1031,57 +1032,6 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-# -- which processes are alive --------------------------------------------------------------
-
-
-def _host_key() -> str | None:
-    """Hostname, pid namespace and boot id: two owners with equal keys see the same pids.
-
-    None when the pid namespace cannot be read: then only leases judge other owners, so
-    two containers with one hostname never kill each other's tasks by a pid test.
-    """
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as file:
-            boot = file.read().strip()
-    except OSError:
-        boot = "?"
-    return f"{socket.gethostname()}|{namespace}|{boot}"
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            text = file.read()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2 :].split()  # fields from the 3rd (state) on
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot: tells a reused pid apart."""
-    stat = _proc_stat(pid)
-    return None if stat is None or len(stat) < 20 else stat[19]
-
-
-def _process_gone(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, another user's
-    stat = _proc_stat(pid)
-    if stat is None:
-        return False
-    if stat[0] in ("Z", "X"):  # killed, not yet reaped
-        return True
-    return started is not None and len(stat) >= 20 and stat[19] != started
 
 
 # -- wake-up hints --------------------------------------------------------------------------
