@@ -17,11 +17,18 @@ from starlette.types import Scope
 __all__ = ["yielding_route_class"]
 
 
-def yielding_route_class(app_router: Router) -> type[APIRoute]:
-    """An `APIRoute` class whose routes give way to `app_router`'s own matching routes."""
+def yielding_route_class(app_router: Router, prefix: str = "") -> type[APIRoute]:
+    """An `APIRoute` class whose routes give way to `app_router`'s own matching routes.
+
+    A path without `prefix` in it is refused at once (a substring test, so a `root_path`
+    cannot make it refuse a path it should match): every request to the app's other routes
+    asks these routes first.
+    """
 
     class StatusRoute(APIRoute):
         def matches(self, scope: Scope) -> tuple[Match, Scope]:
+            if prefix not in scope["path"]:
+                return Match.NONE, {}
             match, child_scope = super().matches(scope)
             if match is Match.FULL:
                 for route in app_router.routes:

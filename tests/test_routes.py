@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import httpx
 from fastapi import FastAPI
 
 from fastworker_fastapi import FastWorker, InProcessWorkers, TaskStatus, background_task
@@ -112,3 +113,27 @@ async def test_prefix_none_mounts_no_routes() -> None:
     FastWorker(app, prefix=None)
     async with serve(app) as http:
         assert (await http.get("/tasks")).status_code == 404
+
+
+async def test_routes_answer_under_a_mount_and_a_custom_prefix() -> None:
+    """The router refuses paths without its prefix before matching its routes: under a
+    mount (a root path) and with another prefix, its routes still answer, and the app's
+    own routes too."""
+    inner = FastAPI()
+    fw = FastWorker(inner, prefix="/jobs")
+
+    @inner.get("/other")
+    async def other() -> dict[str, bool]:
+        return {"ok": True}
+
+    outer = FastAPI()
+    outer.mount("/api", inner)
+    async with serve(inner):  # the inner app's lifespan starts the extension
+        transport = httpx.ASGITransport(app=outer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            task_id = (await fw.client.submit_task("rt_ok", args=(5,))).task_id
+            body = (await http.get(f"/api/jobs/{task_id}")).json()
+            assert body["status"] == "success" and body["result"] == 5
+            assert (await http.get("/api/jobs")).json()["count"] == 1
+            assert (await http.get("/api/other")).json() == {"ok": True}
+            assert (await http.get(f"/api/tasks/{task_id}")).status_code == 404
