@@ -74,33 +74,29 @@ _RUNNING = TaskStatus.RUNNING
 _SUCCESS = TaskStatus.SUCCESS
 _MAX_ERROR = 4000  # characters of an error message kept
 
-# Where a run is; only the holder of a run writes its record.
-QUEUED, TIMER, ACQUIRING, STARTING, RUNNING, FINISHING = range(6)
+# Where a run is; only the holder of a run writes its record. SUBMITTING: its submitter
+# awaits the store's insert and then places it (nobody else may take it meanwhile).
+QUEUED, TIMER, ACQUIRING, STARTING, RUNNING, FINISHING, SUBMITTING = range(7)
 
 
 class _Run:
-    """This process's live handles for one task it owns."""
+    """This process's live handles for one task it owns.
 
-    __slots__ = (
-        "definition",
-        "progress",
-        "reason",
-        "record",
-        "runner",
-        "stage",
-        "timer",
-    )
+    No `__slots__`: the four handles most runs never set are class-level defaults, so making
+    a run sets three attributes rather than seven (half the cost, once per task).
+    """
+
+    timer: asyncio.TimerHandle | None = None
+    runner: asyncio.Task[Any] | None = None
+    # Set to stop the run: ("TaskCancelled", why) cancels it; ("", why) releases it as
+    # interrupted (durable store at shutdown).
+    reason: tuple[str, str] | None = None
+    progress: Any = None  # progress.py's state, once the task reports
 
     def __init__(self, record: TaskRecord, definition: TaskDefinition) -> None:
         self.record = record  # the latest record the store returned
         self.definition = definition
-        self.stage = QUEUED
-        self.timer: asyncio.TimerHandle | None = None
-        self.runner: asyncio.Task[Any] | None = None
-        # Set to stop the run: ("TaskCancelled", why) cancels it; ("", why) releases it
-        # as interrupted (durable store at shutdown).
-        self.reason: tuple[str, str] | None = None
-        self.progress: Any = None  # progress.py's state, once the task reports
+        self.stage = SUBMITTING  # until placed in a queue or a timer
 
     @property
     def id(self) -> str:
@@ -141,7 +137,7 @@ class Scheduler:
         self._closing = False
         self.accepting = False
         # Stores that never wait (memory) also offer their writes as plain calls.
-        self._add = getattr(store, "add", None)
+        self._add = getattr(store, "add_one", None)
         self._mark_running = getattr(store, "mark_running", None)
         self._mark_succeeded = getattr(store, "mark_succeeded", None)
 
@@ -242,7 +238,7 @@ class Scheduler:
             self.check_capacity()
         record.owner = self.store.owner  # still being built: nobody else holds it yet
         record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
-        add((record,))
+        add(record)
         run = runs[record.id] = _Run(record, definition)
         if delay > 0 or self._closing:
             self._place(run, delay)
@@ -350,6 +346,10 @@ class Scheduler:
     # -- placing and taking runs ----------------------------------------------------------
 
     def _place(self, run: _Run, delay: float) -> None:
+        if run.reason is not None:  # cancelled (or released) while its insert was awaited
+            run.stage = FINISHING
+            self._spawn(self._settle_stopped, run)
+            return
         if self._closing and self.store.durable:  # accepted as shutdown began: release it
             self._spawn(self._release, run)
             return

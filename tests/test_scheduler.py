@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -20,6 +21,8 @@ from fastworker_fastapi import (
     TaskStatus,
     background_task,
 )
+from fastworker_fastapi.records import TaskRecord
+from fastworker_fastapi.stores import MemoryStore
 from tests.conftest import eventually, serve
 
 ORDER: list[str] = []
@@ -345,3 +348,73 @@ async def test_a_blocking_sync_task_never_blocks_the_event_loop() -> None:
         )
         THREAD_GATES["loop"].set()
         assert (await fw.client.wait(blocked, timeout=5)).result == "late"
+
+
+class _SlowInsertStore(MemoryStore):
+    """A durable-looking memory store whose inserts wait for `gate`: a submission is then
+    held between being counted as pending and being placed in a queue."""
+
+    durable = True
+    add_one = None  # type: ignore[assignment]  # no synchronous path: submissions await insert
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def insert(self, records: Sequence[TaskRecord]) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        for record in records:
+            MemoryStore.add_one(self, record)
+
+
+async def test_shutdown_leaves_a_submission_in_flight_to_its_submitter() -> None:
+    """Shutdown while a submission's insert is awaited must not take the run
+    from a queue it is not in yet (this once failed shutdown with "not in deque")."""
+    store = _SlowInsertStore()
+    fw = FastWorker(store=store)
+    async with fw.run() as client, anyio.create_task_group() as group:
+        ids: list[str] = []
+
+        async def submit() -> None:
+            ids.append(await client.delay("sched_record", "in-flight"))
+
+        group.start_soon(submit)
+        await store.entered.wait()
+        shutdown_done = anyio.Event()
+
+        async def shut() -> None:
+            await client.scheduler.shutdown(5)
+            shutdown_done.set()
+
+        group.start_soon(shut)
+        await anyio.lowlevel.checkpoint()
+        store.gate.set()
+        await shutdown_done.wait()
+    record = store.peek(ids[0])
+    # Accepted as shutdown began, with a durable store: released for the next process.
+    assert record is not None and record.owner is None and record.status is TaskStatus.QUEUED
+
+
+async def test_cancel_of_a_submission_in_flight_cancels_it_once_placed() -> None:
+    store = _SlowInsertStore()
+    fw = FastWorker(store=store)
+    async with fw.run() as client, anyio.create_task_group() as group:
+        ids: list[str] = []
+
+        async def submit() -> None:
+            ids.append(await client.delay("sched_record", "cancel-me", countdown=3600))
+
+        group.start_soon(submit)
+        await store.entered.wait()
+        (task_id,) = [run_id for run_id in client.scheduler._runs]
+        cancelled: list[TaskStatus] = []
+
+        async def cancel() -> None:
+            cancelled.append((await client.scheduler.cancel(task_id)).status)
+
+        group.start_soon(cancel)
+        await anyio.lowlevel.checkpoint()
+        store.gate.set()
+    assert ids == [task_id] and cancelled == [TaskStatus.CANCELLED]

@@ -69,27 +69,27 @@ class MemoryStore:
 
     def add(self, records: Sequence[TaskRecord]) -> None:
         """`insert` without awaiting: this store never waits for anything."""
-        store = self._records
-        publish = self._publish
-        if len(records) == 1:  # the common case, without the loops
-            (record,) = records
-            if record.id in store:
-                raise ValueError(f"a task with id {record.id!r} exists already")
-            store[record.id] = record
-            if record.status._value_ in FINAL_VALUES:
-                self._finish(record)
-            publish(record)
+        if len(records) == 1:
+            self.add_one(records[0])
             return
+        store = self._records
         for record in records:
             if record.id in store:
                 raise ValueError(f"a task with id {record.id!r} exists already")
         if len({record.id for record in records}) < len(records):
             raise ValueError("a batch names the same task id twice: it exists already")
         for record in records:
-            store[record.id] = record
-            if record.status in FINAL_STATUSES:
-                self._finish(record)
-            publish(record)
+            self.add_one(record)
+
+    def add_one(self, record: TaskRecord) -> None:
+        """`add((record,))`, without the tuple: the scheduler's submission hot path."""
+        store = self._records
+        if record.id in store:
+            raise ValueError(f"a task with id {record.id!r} exists already")
+        store[record.id] = record
+        if record.status._value_ in FINAL_VALUES:
+            self._finish(record)
+        self._publish(record)
 
     async def insert_if_absent(self, record: TaskRecord) -> bool:
         if record.id in self._records:
