@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "CallbackDelivery",
     "TaskPolicy",
     "TaskRecord",
+    "evolve",
     "is_final",
     "new_delivery",
     "utcnow",
@@ -249,9 +250,26 @@ def _from_iso(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
+_FIELD_NAMES = tuple(f.name for f in fields(TaskRecord))
+_new_object = object.__new__
+
+
+def evolve(record: TaskRecord, changes: dict[str, Any]) -> TaskRecord:
+    """`dataclasses.replace(record, **changes)` for known field names, at a third of its
+    cost (stores make one per write)."""
+    new: TaskRecord = _new_object(TaskRecord)
+    for name in _FIELD_NAMES:
+        setattr(new, name, changes[name] if name in changes else getattr(record, name))
+    return new
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def dumps(value: Any) -> str:
-    """Compact JSON, as stores write it."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    """Compact JSON, as stores write it (`json.dumps` with these options would build a new
+    encoder on every call; stores call this several times per task)."""
+    return _ENCODER.encode(value)
 
 
 # Shared by every result built here: it holds every field already, so pydantic's in-place

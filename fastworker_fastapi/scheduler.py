@@ -36,7 +36,6 @@ import logging
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,13 @@ from fastworker_fastapi.errors import (
     ShuttingDownError,
     TaskFailed,
 )
-from fastworker_fastapi.records import FINAL_STATUSES, PRIORITY_LEVELS, TaskRecord, is_final
+from fastworker_fastapi.records import (
+    FINAL_STATUSES,
+    PRIORITY_LEVELS,
+    TaskRecord,
+    evolve,
+    is_final,
+)
 from fastworker_fastapi.stores.base import final_changes, interrupted_changes
 
 if TYPE_CHECKING:
@@ -528,9 +533,9 @@ class Scheduler:
                         started_at=started,
                         attempts=record.attempts + 1,
                     ).add_done_callback(_consume)
-                    updated = replace(
-                        record, status=_RUNNING, started_at=started, attempts=record.attempts + 1
-                    )
+                    running = {"status": _RUNNING, "started_at": started}
+                    running["attempts"] = record.attempts + 1
+                    updated = evolve(record, running)
                 else:
                     updated = await update(
                         record.id,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from fastworker_fastapi import FastWorker, TaskStatus, background_task
+from fastworker_fastapi import FastWorker, TaskPriority, TaskStatus, background_task
 from fastworker_fastapi._json import MAX_DEPTH, StoredValueError, clean_text, json_value
 from tests.conftest import serve
 
@@ -107,3 +107,43 @@ async def test_arguments_with_lone_surrogates_are_refused_at_submission() -> Non
         assert answer.status_code == 422
         assert "JSON-serialisable" in answer.json()["detail"]
         assert (await http.get("/tasks")).json()["count"] == 0
+
+
+def test_fast_encoders_agree_with_the_general_ones() -> None:
+    """The SQLite store's per-field JSON and `evolve` are shortcuts of `dumps(_encode(...))`
+    and `dataclasses.replace`: they must give the same answers."""
+    import dataclasses
+    import json
+    import time
+    from datetime import UTC, datetime
+
+    from fastworker_fastapi.records import TaskPolicy, TaskRecord, dumps, evolve
+    from fastworker_fastapi.stores.sqlite import _encode, _field_json
+
+    values: list[tuple[str, Any]] = [
+        ("status", TaskStatus.SUCCESS),
+        ("result", "plain"),
+        ("result", 'quote " backslash \\ é \ud800 \n'),
+        ("result", 7),
+        ("result", True),
+        ("result", None),
+        ("result", 1.5),
+        ("result", [1, {"a": [None, "b"]}]),
+        ("started_at", datetime.now(UTC)),
+        ("attempts", 3),
+        ("args", (1, "x")),
+        ("policy", TaskPolicy(timeout=2.0)),
+    ]
+    for key, value in values:
+        assert _field_json(key, value) == dumps(_encode(key, value))
+        assert json.loads(_field_json(key, value)) == json.loads(dumps(_encode(key, value)))
+    record = TaskRecord(
+        "id-1", "t", (1,), {}, TaskPriority.HIGH, TaskPolicy(), TaskStatus.QUEUED, time.time()
+    )
+    changes = {"status": TaskStatus.RUNNING, "attempts": 1, "owner": "me", "result": [1]}
+    fresh = evolve(record, changes)
+    expected = dataclasses.replace(record, **changes)
+    assert fresh is not record and record.status is TaskStatus.QUEUED
+    assert all(
+        getattr(fresh, f.name) == getattr(expected, f.name) for f in dataclasses.fields(TaskRecord)
+    )

@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,7 @@ from fastworker_fastapi.records import (
     TaskPolicy,
     TaskRecord,
     dumps,
+    evolve,
 )
 from fastworker_fastapi.stores._hosts import host_key, proc_start, process_gone
 from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
@@ -437,7 +438,10 @@ class SQLiteStore:
 
         def op(conn: sqlite3.Connection, seq: int) -> tuple[None, Sequence[TaskRecord]]:
             try:
-                conn.executemany(_INSERT, [(row[0], seq, owner, *row[1:]) for row in rows])
+                if len(rows) == 1:
+                    conn.execute(_INSERT, (rows[0][0], seq, owner, *rows[0][1:]))
+                else:
+                    conn.executemany(_INSERT, [(row[0], seq, owner, *row[1:]) for row in rows])
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"a task in this batch exists already ({exc})") from None
             self._remember(records)
@@ -560,7 +564,7 @@ class SQLiteStore:
         sql = self._update_sql.get(keys)
         if sql is None:
             sql = self._update_sql[keys] = _set_clause(keys)
-        params: list[Any] = [dumps(_encode(key, value)) for key, value in changes.items()]
+        params: list[Any] = [_field_json(key, value) for key, value in changes.items()]
         for key, value in changes.items():
             if key in _COLUMNS:
                 params.append(_COLUMNS[key](value))
@@ -593,7 +597,7 @@ class SQLiteStore:
         if row is None:
             self._own.pop(task_id, None)
             return None
-        record = _decode(row[0]) if base is None else replace(base, **changes)  # type: ignore[arg-type]
+        record = _decode(row[0]) if base is None else evolve(base, changes)  # type: ignore[arg-type]
         if record.owner != self.owner or record.status in FINAL_STATUSES:
             self._own.pop(task_id, None)
         elif task_id in self._own:
@@ -941,9 +945,35 @@ def _encode(key: str, value: Any) -> Any:
     return value
 
 
+def _field_json(key: str, value: Any) -> str:
+    """`dumps(_encode(key, value))`, with the values the scheduler writes for every task
+    (statuses, times, counts, plain results) encoded without building a JSON encoder."""
+    if value is None:
+        return "null"
+    kind = type(value)
+    if kind is str:
+        return _quote(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is datetime:
+        return _quote(value.isoformat())
+    if kind is TaskStatus:
+        return _quote(value.value)
+    return dumps(_encode(key, value))
+
+
+_quote = json.encoder.encode_basestring_ascii  # what `dumps` does with a str (C, ASCII)
+
+
+def _status_value(value: Any) -> str:
+    return value.value if type(value) is TaskStatus else TaskStatus(value).value  # type: ignore[no-any-return]
+
+
 _COLUMNS: dict[str, Callable[[Any], Any]] = {
     "name": str,
-    "status": lambda value: TaskStatus(value).value,
+    "status": _status_value,
     "owner": lambda value: value,
     "attempts": int,
     "eta": _epoch,
