@@ -84,7 +84,9 @@ async def main() -> int:
             f"{fastworker / ceiling:.4f}",
         ),
     ]
-    stream_lines, stream_checks = await stream_rows()
+    from bench.streams import run as run_streams
+
+    stream_lines, stream_checks = await asyncio.to_thread(run_streams)
     checks += [Check(*check) for check in stream_checks]
     from bench.http import run as run_http
 
@@ -102,53 +104,6 @@ async def main() -> int:
         verdict = "PASS" if check.ok else "FAIL"
         print(f"{verdict}  {check.what}: {check.value:.2f} (target {check.target})")
     return 1 if failed else 0
-
-
-async def stream_rows() -> tuple[list[str], list[tuple[str, float, str, bool]]]:
-    """Throughput with 200 open event streams (150 reading, 50 stalled) against none."""
-    from bench.streams import throughput_with_streams
-
-    n = int(os.environ.get("BENCH_STREAM_TASKS", "5000"))
-    none: list[float] = []
-    with_streams: list[float] = []
-    stalled: list[float] = []
-    complete = True
-    for _ in range(3):
-        gc.collect()
-        none.append((await throughput_with_streams(n, 0, 0))[0])
-        gc.collect()
-        rate, ok = await throughput_with_streams(n, 150, 50)
-        with_streams.append(rate)
-        complete = complete and ok
-        gc.collect()
-        stalled.append((await throughput_with_streams(n, 0, 200))[0])
-    a, b = statistics.median(none), statistics.median(with_streams)
-    c = statistics.median(stalled)
-    print(f"streams: none {a:,.0f} tasks/s, 200 open {b:,.0f} tasks/s ({b / a:.3f})")
-    print(f"         200 stalled {c:,.0f} tasks/s ({c / a:.3f})")
-    lines = [
-        f"## Event streams ({n:,} trivial async tasks, median of 3)",
-        "",
-        "| open streams | throughput | ratio |",
-        "|---|---|---|",
-        f"| none | {a:,.0f} tasks/s | 1.00 |",
-        f"| 200 on `/tasks/events` (150 reading, 50 stalled) | {b:,.0f} tasks/s | {b / a:.3f} |",
-        f"| 200 on `/tasks/events`, none reading | {c:,.0f} tasks/s | {c / a:.3f} |",
-        "",
-        "Publishing costs the same however many streams are open (one shared change log);",
-        "what the reading streams cost is their own work in this process: each of the 150",
-        "formats and writes every task's latest state, here in the same event loop as the",
-        "tasks.",
-        "",
-        "Every reading stream saw the final state of every task: "
-        f"**{'yes' if complete else 'NO'}**.",
-        "",
-    ]
-    checks = [
-        ("throughput with 200 open streams / none", b / a, ">= 0.8", b / a >= 0.8),
-        ("reading streams saw every final state", float(complete), "= 1", complete),
-    ]
-    return lines, checks
 
 
 async def remote_rows() -> list[str]:

@@ -14,7 +14,9 @@ store writes (this process's, and other processes' through the store's feed)
 
 Publishing never waits for a stream: streams read one shared change log by position (see
 `events.Subscription`). Changes are coalesced per task (the latest state of each task wins),
-so a client that keeps reading keeps up and always gets each task's final state; a client
+and streams write together on the hub's shared tick (`EventHub.pace`), unfiltered ones
+sharing one text, so a client that keeps reading keeps up and always gets each task's final
+state, at a cost to the server that grows with the number of writes, not of changes; a client
 that fell too far behind gets a final `overflow` event and its stream closes. An
 `EventSource` then reconnects by itself and should re-read the state (`GET /tasks/{id}` or
 `GET /tasks`), which is what the dashboard does. A client that disconnects releases its
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from fastworker_fastapi.client import TaskClient
-    from fastworker_fastapi.events import Change, EventHub, RecordFilter
+    from fastworker_fastapi.events import EventHub, RecordFilter
     from fastworker_fastapi.records import TaskRecord
 
 __all__ = ["EventStreamResponse", "add_event_routes", "task_events"]
@@ -126,7 +128,6 @@ def _event(record: TaskRecord) -> str:
 _OVERFLOW = "event: overflow\ndata: {}\n\n".format(
     json.dumps({"detail": "this client read too slowly and missed events; re-read the state"})
 )
-_PACE = 0.05  # seconds between two writes of one stream (at most ~20 a second)
 _SHUTDOWN = "event: shutdown\ndata: {}\n\n".format(
     json.dumps({"detail": "the server is shutting down; reconnect to another process or later"})
 )
@@ -159,30 +160,33 @@ async def task_events(
             if record.status in FINAL_STATUSES:
                 return
         while True:
-            first: Change | None = None
+            ready = None
             with anyio.move_on_after(heartbeat):
-                try:
-                    first = await anext(subscription)
-                except StopAsyncIteration:
-                    if subscription.overflowed:
-                        yield _OVERFLOW
-                    elif subscription.ended_by == "shutdown":
-                        yield _SHUTDOWN
-                    return
-            if first is None:
+                ready = await subscription.wait()
+            if ready is None:
                 yield ": heartbeat\n\n"
                 continue
-            # What else is ready goes out in the same write: one per burst, not per change.
-            chunk = []
-            for change in (first, *subscription.drain()):
-                chunk.append(change.event)
-                if following and change.record.status in FINAL_STATUSES:
-                    yield "".join(chunk)
-                    return
-            yield "".join(chunk)
-            # Let changes gather before the next write: under load a stream then sends each
-            # task once in its latest state, in a few writes a second, whatever the rate.
-            await anyio.sleep(_PACE)
+            if not ready:
+                if subscription.overflowed:
+                    yield _OVERFLOW
+                elif subscription.ended_by == "shutdown":
+                    yield _SHUTDOWN
+                return
+            if following:  # one task: its changes, up to its final state
+                chunk = []
+                for change in subscription.drain():
+                    chunk.append(change.event)
+                    if change.record.status in FINAL_STATUSES:
+                        yield "".join(chunk)
+                        return
+                text = "".join(chunk)
+            else:  # every change ready goes out in one write
+                text = subscription.drain_text()
+            if text:
+                yield text
+            # Let changes gather until the streams' next shared tick: under load a stream
+            # sends each task once, in its latest state, a few writes a second.
+            await events.pace()
 
 
 def add_event_routes(
@@ -215,7 +219,13 @@ def add_event_routes(
                 name is None or record.name == name
             )
 
-        body = task_events(client.events, max_buffer=max_buffer, heartbeat=heartbeat, accept=accept)
+        body = task_events(
+            client.events,
+            max_buffer=max_buffer,
+            heartbeat=heartbeat,
+            # Unfiltered streams share the text they send (see `Subscription.drain_text`).
+            accept=None if status is None and name is None else accept,
+        )
         return EventStreamResponse(body, headers=_HEADERS)
 
     @router.get(

@@ -441,6 +441,49 @@ async def test_a_burst_goes_out_as_one_chunk_and_each_change_is_serialised_once(
         await body.aclose()
 
 
+async def test_unfiltered_streams_at_one_position_share_one_text_and_filtered_ones_do_not() -> None:
+    hub = EventHub()
+    quick = [hub.subscribe(max_buffer=8) for _ in range(3)]
+    only_b = hub.subscribe(max_buffer=8, accept=lambda record: record.id == "b")
+    for task_id in "abc":
+        hub.publish(_record_of(task_id))
+    hub.publish(_record_of("a", TaskStatus.SUCCESS))
+    texts = [subscription.drain_text() for subscription in quick]
+    assert texts[0] is texts[1] is texts[2]  # made once, by the first reader
+    assert re.findall(r'"id":"(\w)","name":"live_x","status":"(\w+)"', texts[0]) == [
+        ("b", "running"),
+        ("c", "running"),
+        ("a", "success"),  # a changed last: in its latest state, once
+    ]
+    assert re.findall(r'"id":"(\w)"', only_b.drain_text()) == ["b"]
+    assert [subscription.drain_text() for subscription in quick] == ["", "", ""]
+    hub.publish(_record_of("d"))
+    late = hub.subscribe(max_buffer=8)  # its own position: after d
+    assert quick[0].drain_text().count("event: task") == 1
+    assert late.drain_text() == ""
+    for subscription in (*quick, only_b, late):
+        subscription.close()
+
+
+async def test_streams_wait_for_one_shared_tick_and_closing_the_hub_releases_it() -> None:
+    hub = EventHub()
+    subscription = hub.subscribe(max_buffer=8)
+    done: list[int] = []
+    async with anyio.create_task_group() as group:
+
+        async def wait_tick(n: int) -> None:
+            await hub.pace()
+            done.append(n)
+
+        for n in range(3):
+            group.start_soon(wait_tick, n)
+        await eventually(lambda: len(hub._pace_waiters) == 3)
+        assert hub._pace_handle is not None  # one timer for all of them
+        hub.close()  # shutdown does not wait for the tick
+    assert sorted(done) == [0, 1, 2]
+    assert subscription.closed
+
+
 async def test_closing_the_hub_ends_streams_with_a_shutdown_event() -> None:
     hub = EventHub()
     body = task_events(hub, max_buffer=8, heartbeat=10)
