@@ -1,7 +1,9 @@
 """The apps `bench/http.py` serves with uvicorn: `plain` (no extension) and `ext` (with it).
 
 Both have `GET /ping` (no background work); `plain` has `POST /work` using Starlette's
-`BackgroundTasks`, `ext` has `POST /work` calling `client.delay()` for the same function.
+`BackgroundTasks`, `ext` has `POST /work` calling `client.delay()` (the client injected
+with `TaskClientDep`) for the same function, and `POST /work-handle` calling the task's
+typed handle, `bench_noop.delay()`, which needs no dependency.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ if os.environ.get("BENCH_APP", "plain") == "ext":
     @app.post("/work")
     async def work_with_delay(client: TaskClientDep) -> dict[str, str]:
         return {"task_id": await client.delay("bench_noop", 1)}
+
+    @app.post("/work-handle")
+    async def work_with_handle() -> dict[str, str]:
+        return {"task_id": await bench_noop.delay(1)}
 
 else:
 
