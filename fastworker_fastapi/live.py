@@ -189,6 +189,21 @@ async def task_events(
             await events.pace()
 
 
+async def _encoded(body: AsyncIterator[str], memo: list[Any]) -> AsyncIterator[bytes]:
+    """`body` as bytes; a text equal to the last one encoded (the same object: unfiltered
+    streams share their text) reuses its bytes, so two hundred streams encode it once."""
+    try:
+        async for text in body:
+            if memo and memo[0] is text:
+                yield memo[1]
+            else:
+                data = text.encode("utf-8")
+                memo[:] = (text, data)
+                yield data
+    finally:
+        await body.aclose()  # type: ignore[attr-defined]
+
+
 def add_event_routes(
     router: APIRouter,
     running_client: Callable[[], TaskClient],
@@ -197,6 +212,7 @@ def add_event_routes(
     max_buffer: int,
 ) -> None:
     """`GET {prefix}/events` and `GET {prefix}/{task_id}/events` on a status router."""
+    memo: list[Any] = []  # the last shared text and its bytes (see `_encoded`)
 
     @router.get(
         "/events",
@@ -226,7 +242,7 @@ def add_event_routes(
             # Unfiltered streams share the text they send (see `Subscription.drain_text`).
             accept=None if status is None and name is None else accept,
         )
-        return EventStreamResponse(body, headers=_HEADERS)
+        return EventStreamResponse(_encoded(body, memo), headers=_HEADERS)
 
     @router.get(
         "/{task_id:uuid}/events",
