@@ -565,3 +565,27 @@ def test_a_listener_may_remove_itself_while_it_runs() -> None:
     hub.publish(record)
     hub.publish(record)
     assert calls == ["first", "second", "second"]
+
+
+async def test_streams_sharing_a_text_share_its_bytes_and_closing_closes_the_body() -> None:
+    from fastworker_fastapi.live import _encoded
+
+    text = "event: task\ndata: {}\n\n"
+    closed: list[bool] = []
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            yield text
+            yield "other"
+            yield text
+        finally:
+            closed.append(True)
+
+    memo: list[Any] = []
+    first = [chunk async for chunk in _encoded(body(), memo)]
+    assert first == [text.encode(), b"other", text.encode()]
+    stream = _encoded(body(), memo)
+    again = await anext(stream)
+    assert again == text.encode() and (again is first[2])  # the last text's bytes, reused
+    await stream.aclose()  # a client that went away: its body is closed too
+    assert closed == [True, True]
