@@ -13,62 +13,24 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
-from pathlib import Path
+from collections.abc import Iterator
 
-ROOT = Path(__file__).parent.parent
+from bench._uvicorn import pin, uvicorn
+
 ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "5"))
 CONNECTIONS = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pin(core: int) -> list[str]:
-    cores = os.cpu_count() or 1
-    return ["taskset", "-c", str(core % cores)] if shutil.which("taskset") and cores > 1 else []
-
-
 @contextlib.contextmanager
-def _server(variant: str):  # type: ignore[no-untyped-def]
-    port = _free_port()
-    env = {**os.environ, "BENCH_APP": variant, "FASTWORKER_STORE": "memory"}
-    proc = subprocess.Popen(
-        [*_pin(0), sys.executable, "-m", "uvicorn", "bench._http_app:app", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=env, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"uvicorn ({variant}) did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def _server(variant: str) -> Iterator[str]:
+    env = {"BENCH_APP": variant, "FASTWORKER_STORE": "memory"}
+    with uvicorn("bench._http_app:app", env) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -80,7 +42,7 @@ def _wrk(url: str, method: str = "GET") -> tuple[float, float, float]:
         script.write(f'wrk.method = "{method}"\n')
     try:
         out = subprocess.run(
-            [*_pin(1), "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency",
+            [*pin(1), "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency",
              "-s", script.name, url],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip

@@ -13,72 +13,21 @@ fresh server and store; the figures are medians.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+from bench._uvicorn import ROOT, pin, stop, uvicorn
+
 N = int(os.environ.get("BENCH_STREAM_TASKS", "8000"))
 ROUNDS = int(os.environ.get("BENCH_STREAM_ROUNDS", "5"))
 # The store's file in memory where the system has one: this compares the cost of streams,
 # and a disk's flush times would only add noise to both sides.
 FOLDER = "/dev/shm" if os.path.isdir("/dev/shm") else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pin(core: int) -> list[str]:
-    cores = os.cpu_count() or 1
-    return ["taskset", "-c", str(core % cores)] if shutil.which("taskset") and cores > 1 else []
-
-
-def _stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@contextlib.contextmanager
-def _server(folder: str) -> Iterator[int]:
-    port = _free_port()
-    env = {**os.environ, "FASTWORKER_STORE": f"sqlite:///{folder}/tasks.db"}
-    proc = subprocess.Popen(
-        [*_pin(0), sys.executable, "-m", "uvicorn", "bench._stream_app:app", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("uvicorn (bench._stream_app) did not start") from None
-                time.sleep(0.05)
-        yield port
-    finally:
-        _stop(proc)
 
 
 def _burst(port: int, n: int) -> float:
@@ -90,11 +39,16 @@ def _burst(port: int, n: int) -> float:
 def measure(n: int, readers: int, stalled: int) -> tuple[float, bool]:
     """Tasks/s of an N-task burst with these streams open; and whether every reader saw
     every task succeed."""
-    with tempfile.TemporaryDirectory(dir=FOLDER) as folder, _server(folder) as port:
+    with (
+        tempfile.TemporaryDirectory(dir=FOLDER) as folder,
+        uvicorn(
+            "bench._stream_app:app", {"FASTWORKER_STORE": f"sqlite:///{folder}/tasks.db"}
+        ) as port,
+    ):
         if readers + stalled == 0:
             return _burst(port, n), True
         clients = subprocess.Popen(
-            [*_pin(1), sys.executable, "-m", "bench._stream_clients", str(port), str(readers),
+            [*pin(1), sys.executable, "-m", "bench._stream_clients", str(port), str(readers),
              str(stalled)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             start_new_session=True,
@@ -108,7 +62,7 @@ def measure(n: int, readers: int, stalled: int) -> tuple[float, bool]:
             clients.stdin.flush()
             seen = json.loads(clients.stdout.readline())
         finally:
-            _stop(clients)
+            stop(clients)
     return rate, all(count == n for count in seen)
 
 

@@ -147,12 +147,7 @@ class Subscription:
                 return True
             if self.closed:
                 return False
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            self._hub._readers.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._park()
 
     def drain_text(self) -> str:
         """Everything ready now, as the stream's text (the events, joined), without waiting.
@@ -187,12 +182,16 @@ class Subscription:
                 return self._ready.pop(task_id)
             if self.closed:
                 raise StopAsyncIteration
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            self._hub._readers.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._park()
+
+    async def _park(self) -> None:
+        """Wait for the hub's next change (or the end of the subscription)."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        self._hub._readers.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     async def __aenter__(self) -> Subscription:
         return self
