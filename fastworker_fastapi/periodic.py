@@ -35,7 +35,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypedDict, Unpack
@@ -689,12 +689,12 @@ class PeriodicTasks:
 
 def add_schedule_routes(
     router: APIRouter,
-    running: Callable[[], TaskClient],
+    started: Callable[[], Awaitable[TaskClient]],
     periodic: PeriodicTasks,
     errors: Mapping[int | str, dict[str, Any]],
 ) -> None:
     """`GET {prefix}/schedules` and `POST {prefix}/schedules/{name}/pause|resume`."""
-    started = [Depends(running)]  # 503 before start-up, like every status route
+    dependencies = [Depends(started)]  # 503 before start-up, like every status route
     not_found: dict[int | str, dict[str, Any]] = {
         404: {**errors.get(404, {}), "description": "No schedule of that name."},
         503: errors.get(503, {}),
@@ -705,7 +705,7 @@ def add_schedule_routes(
         response_model=ScheduleList,
         summary="List periodic schedules",
         responses={503: not_found[503]},
-        dependencies=started,
+        dependencies=dependencies,
     )
     async def list_schedules() -> ScheduleList:
         """Every schedule with its next run, its last run and that run's status."""
@@ -717,7 +717,7 @@ def add_schedule_routes(
         response_model=ScheduleInfo,
         summary="Pause a schedule",
         responses=not_found,
-        dependencies=started,
+        dependencies=dependencies,
     )
     async def pause_schedule(
         name: Annotated[str, Path(description="The schedule's name.")],
@@ -730,7 +730,7 @@ def add_schedule_routes(
         response_model=ScheduleInfo,
         summary="Resume a schedule",
         responses=not_found,
-        dependencies=started,
+        dependencies=dependencies,
     )
     async def resume_schedule(
         name: Annotated[str, Path(description="The schedule's name.")],

@@ -90,7 +90,12 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
             raise NotRunningError("the FastWorker extension has not started yet")
         return client
 
-    Client = Annotated[TaskClient, Depends(running)]
+    async def started() -> TaskClient:
+        """`running()` as a dependency. An `async def`: FastAPI runs a plain `def`
+        dependency in its thread pool, a hop on every status request."""
+        return running()
+
+    Client = Annotated[TaskClient, Depends(started)]
     router = _StatusRouter(
         prefix=settings.prefix,
         dependencies=list(settings.dependencies),
@@ -125,7 +130,7 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
     if settings.dashboard:
         add_dashboard_route(router)
     if settings.schedules is not None:
-        add_schedule_routes(router, running, settings.schedules, _ERRORS)
+        add_schedule_routes(router, started, settings.schedules, _ERRORS)
 
     @router.get(
         "/{task_id:uuid}",

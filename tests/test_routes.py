@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import httpx
 from fastapi import FastAPI
@@ -80,6 +82,12 @@ async def test_list_filters_and_limits() -> None:
     async with serve(app) as http:
         done = [(await fw.client.submit_task("rt_ok", args=(i,))).task_id for i in range(3)]
         held = await fw.client.delay("rt_hold", "list")
+
+        async def held_runs() -> bool:
+            record = await fw.client.store.get(held)
+            return record is not None and record.status is TaskStatus.RUNNING
+
+        await eventually(held_runs, message="the held task running")
         everything = (await http.get("/tasks")).json()
         assert everything["count"] == 4
         assert [t["id"] for t in everything["tasks"]] == [held, *reversed(done)]
@@ -137,3 +145,37 @@ async def test_routes_answer_under_a_mount_and_a_custom_prefix() -> None:
             assert (await http.get("/api/jobs")).json()["count"] == 1
             assert (await http.get("/api/other")).json() == {"ok": True}
             assert (await http.get(f"/api/tasks/{task_id}")).status_code == 404
+
+
+async def test_status_routes_never_use_the_thread_pool() -> None:
+    """Every status route's dependencies are `async def`: a plain `def` dependency makes
+    FastAPI hop to its thread pool on every request (a status poll cost 20x a trivial
+    route that way)."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    def sync_calls(dependant: Any) -> list[str]:
+        found = []
+        for sub in dependant.dependencies:
+            call = sub.call
+            if not (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)):
+                found.append(getattr(call, "__qualname__", repr(call)))
+            found += sync_calls(sub)
+        return found
+
+    def api_routes(routes: list[Any]) -> list[APIRoute]:
+        found: list[APIRoute] = []
+        for route in routes:
+            if isinstance(route, APIRoute):
+                found.append(route)
+            elif hasattr(route, "original_router"):  # an included router (FastAPI >= 0.120)
+                found += api_routes(route.original_router.routes)
+        return found
+
+    app = FastAPI()
+    FastWorker(app, store="memory")
+    routes = [r for r in api_routes(app.routes) if r.path.startswith("/tasks")]
+    assert len(routes) >= 6  # list, one, cancel, both event streams, schedules...
+    offenders = {route.path: sync_calls(route.dependant) for route in routes}
+    assert {path: calls for path, calls in offenders.items() if calls} == {}
