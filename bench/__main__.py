@@ -102,7 +102,7 @@ async def main() -> int:
     failed = [c for c in checks if not c.ok]
     for check in checks:
         verdict = "PASS" if check.ok else "FAIL"
-        print(f"{verdict}  {check.what}: {check.value:.2f} (target {check.target})")
+        print(f"{verdict}  {check.what}: {check.value:.3g} (target {check.target})")
     return 1 if failed else 0
 
 
@@ -145,7 +145,7 @@ def write_doc(
         "| check | value | target | |",
         "|---|---|---|---|",
         *[
-            f"| {c.what} | {c.value:.2f} | {c.target} | {'pass' if c.ok else 'FAIL'} |"
+            f"| {c.what} | {c.value:.3g} | {c.target} | {'pass' if c.ok else 'FAIL'} |"
             for c in checks
         ],
         "",
