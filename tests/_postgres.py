@@ -104,7 +104,9 @@ class PostgresServer:
                 "--no-sync",
             )
         self._pg_ctl("start")
-        self._start_reaper()
+        reaper = getattr(self, "_reaper", None)
+        if reaper is None or reaper.poll() is not None:  # one reaper, however many starts
+            self._start_reaper()
 
     def _start_reaper(self) -> None:
         """A watcher that stops the server when this process dies in any way (a SIGKILL of

@@ -183,6 +183,8 @@ class SQLiteStore:
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._thread_readers = threading.local()
+        self._thread_conns: list[sqlite3.Connection] = []  # closed with the store
+        self._thread_conns_lock = threading.Lock()
         self._closing = False
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()
@@ -259,6 +261,10 @@ class SQLiteStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        with self._thread_conns_lock:
+            conns, self._thread_conns = self._thread_conns, []
+        for conn in conns:
+            conn.close()
 
     async def _stop_writer(self) -> None:
         writer = self._writer
@@ -646,6 +652,8 @@ class SQLiteStore:
         if conn is None:
             conn = self._thread_readers.conn = self._connect()
             conn.execute("PRAGMA query_only = ON")
+            with self._thread_conns_lock:
+                self._thread_conns.append(conn)
         return conn
 
     async def get(self, task_id: str) -> TaskRecord | None:

@@ -80,6 +80,7 @@ async def test_sigkill_loses_no_confirmed_insert(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
     async with opened(SQLiteStore(path)) as b:
         missing = [i for i in confirmed if await b.store.get(i) is None]
         assert not missing, f"{len(missing)} of {len(confirmed)} confirmed inserts lost"
@@ -109,7 +110,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     async with opened(SQLiteStore(path)):
         pass
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (99,))
     await open_fails(SQLiteStore(path), "newer")
 
@@ -120,13 +121,13 @@ async def test_schema_version_and_sequence_are_recorded(tmp_path: Path) -> None:
         record = make_record()
         await a.store.insert([record])
         await a.store.update(record.id, None, 0, status=TaskStatus.RUNNING)
-    conn = sqlite3.connect(path)
-    meta = dict(conn.execute("SELECT key, value FROM meta"))
-    assert meta["schema_version"] == SCHEMA_VERSION
-    seq, writer = conn.execute("SELECT seq, writer FROM tasks").fetchone()
-    assert 0 < seq <= meta["seq"] and writer == a.store.owner
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT count(*) FROM owners").fetchone()[0] == 0  # unregistered
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        assert meta["schema_version"] == SCHEMA_VERSION
+        seq, writer = conn.execute("SELECT seq, writer FROM tasks").fetchone()
+        assert 0 < seq <= meta["seq"] and writer == a.store.owner
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT count(*) FROM owners").fetchone()[0] == 0  # unregistered
 
 
 async def test_failed_writes_raise_to_the_caller(tmp_path: Path) -> None:
@@ -147,7 +148,8 @@ async def test_an_unreadable_row_does_not_break_listings(tmp_path: Path) -> None
     async with opened(SQLiteStore(path)) as a, opened(SQLiteStore(path)) as b:
         good, bad = make_record(), make_record()
         await a.store.insert([good, bad])
-        with sqlite3.connect(path) as conn:  # a write from elsewhere, by the rules (seq)
+        # A write from elsewhere, by the rules (seq).
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             (seq,) = conn.execute(
                 "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value"
             ).fetchone()
