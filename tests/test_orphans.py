@@ -47,6 +47,12 @@ def _free(port: int) -> bool:
         return True
 
 
+def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 async def test_sigkill_of_the_app_takes_its_spawned_planes_with_it() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(TESTS_DIR.parent)])}
     app = subprocess.Popen(  # noqa: ASYNC220 - started once; its pipe read is one line
@@ -73,6 +79,7 @@ async def test_sigkill_of_the_app_takes_its_spawned_planes_with_it() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(app.pid, signal.SIGKILL)
         app.wait()
+        _close_pipes(app)
         for plane in planes:  # should the test fail: never leave a plane behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(str(plane["pid"])), signal.SIGKILL)
@@ -109,6 +116,7 @@ def test_the_portable_watch_kills_the_group_when_the_app_end_of_the_pipe_closes(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+        _close_pipes(child)
 
 
 def test_a_plane_whose_app_died_during_the_spawn_kills_itself() -> None:
@@ -126,6 +134,7 @@ def test_a_plane_whose_app_died_during_the_spawn_kills_itself() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+        _close_pipes(child)
 
 
 def test_the_parent_death_signal_is_armed_on_linux() -> None:
