@@ -525,16 +525,14 @@ class Scheduler:
                 elif update_nowait is not None and run.reason is None:
                     # The store applies our writes in order: queue RUNNING and go on; should
                     # it not match (the task was taken over), the final write will not either.
-                    update_nowait(
-                        record.id,
-                        owner,
-                        record.attempts,
-                        status=_RUNNING,
-                        started_at=started,
-                        attempts=record.attempts + 1,
-                    ).add_done_callback(_consume)
-                    running = {"status": _RUNNING, "started_at": started}
-                    running["attempts"] = record.attempts + 1
+                    running = {
+                        "status": _RUNNING,
+                        "started_at": started,
+                        "attempts": record.attempts + 1,
+                    }
+                    update_nowait(record.id, owner, record.attempts, **running).add_done_callback(
+                        _consume
+                    )
                     updated = evolve(record, running)
                 else:
                     updated = await update(
