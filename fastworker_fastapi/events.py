@@ -211,7 +211,7 @@ _LOG_MAX = 16_384  # tasks in the change log: a reader further behind has missed
 class EventHub:
     """Fan-out of task changes to listeners and subscriptions."""
 
-    def __init__(self, *, log_max: int = _LOG_MAX) -> None:
+    def __init__(self, *, log_max: int = _LOG_MAX, keep_finals: int = 0) -> None:
         self._listeners: list[Listener] = []
         self._remote_listeners: list[Listener] = []
         self._final_listeners: list[tuple[Listener, str | None]] = []
@@ -228,6 +228,9 @@ class EventHub:
         self._shared_text: tuple[int, int, int, str] | None = None
         self._pace_waiters: list[asyncio.Future[None]] = []
         self._pace_handle: asyncio.TimerHandle | None = None
+        # The last `keep_finals` final records published, by id (see `recent_final`).
+        self._keep_finals = keep_finals
+        self._finals: dict[str, TaskRecord] = {}
 
     def add_listener(
         self,
@@ -340,6 +343,12 @@ class EventHub:
             waiters.append(future)
         return future
 
+    def recent_final(self, task_id: str) -> TaskRecord | None:
+        """The final record of `task_id` if it is among the last ones published (whichever
+        process wrote it): `wait()` after a task finished then needs no store query. A
+        final record's status, result and times never change."""
+        return self._finals.get(task_id)
+
     def forget_waiter(self, task_id: str, future: asyncio.Future[TaskRecord]) -> None:
         """Stop waiting (a timeout, a cancelled wait): nothing is kept for `task_id`."""
         future.cancel()
@@ -358,6 +367,11 @@ class EventHub:
             for future in self._waiters.pop(record.id, ()):
                 if not future.done():
                     future.set_result(record)
+        if self._keep_finals and record.status._value_ in FINAL_VALUES:
+            finals = self._finals
+            finals[record.id] = record
+            if len(finals) > self._keep_finals:
+                del finals[next(iter(finals))]
         if self._listeners:
             for listener in self._listeners:  # never mutated in place: see add_listener
                 self._call(listener, record)

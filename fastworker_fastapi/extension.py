@@ -221,8 +221,11 @@ class FastWorker(ClientMethods):
         """
         if self.client.running:
             raise ConfigurationError("this FastWorker is already running")
-        hub = EventHub(log_max=max(1024, self.event_buffer * 64))
         store = resolve_store(self.store_setting)
+        # With a store that reads cost a query, `wait()` answers recent results from the hub.
+        hub = EventHub(
+            log_max=max(1024, self.event_buffer * 64), keep_finals=1024 if store.durable else 0
+        )
         executor = self.workers.build_executor(self.registry)
         async with anyio.create_task_group() as task_group:
             await store.open(

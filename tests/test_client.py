@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 import anyio
 import pytest
@@ -25,6 +26,7 @@ from fastworker_fastapi import (
     WaitTimeoutError,
     background_task,
 )
+from fastworker_fastapi.records import TaskPolicy, TaskRecord
 from tests.conftest import serve
 
 GATE: dict[str, anyio.Event] = {}
@@ -224,3 +226,36 @@ async def test_delay_with_callback_records_the_callback() -> None:
     assert result.callback is not None and result.callback.data == {"user": 7}
     assert info is not None and info.callback is not None
     assert info.callback.address == "/hooks/done"
+
+
+async def test_wait_after_a_task_finished_answers_from_the_hub_with_a_durable_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a store whose reads are queries, `wait()` for a task that finished recently
+    needs none: the hub keeps the last final records published (bounded)."""
+    from fastworker_fastapi.events import EventHub
+
+    app = FastAPI()
+    fw = FastWorker(app, store=f"sqlite:///{tmp_path}/tasks.db")
+    async with serve(app):
+        task_id = await fw.client.delay("cl_add", 2, 3)
+        assert (await fw.client.wait(task_id, timeout=10)).result == 5
+
+        def no_query(task_id: str) -> None:
+            raise AssertionError("wait() read the store for a task it saw finish")
+
+        monkeypatch.setattr(fw.client.store, "peek", no_query)
+        again = await fw.client.wait(task_id, timeout=10)
+        assert again.status is TaskStatus.SUCCESS and again.result == 5
+    hub = EventHub(keep_finals=2)
+    records = [_final(f"t{n}") for n in range(3)]
+    for record in records:
+        hub.publish(record)
+    hub.publish(_final("running", TaskStatus.RUNNING))
+    assert [hub.recent_final(f"t{n}") for n in range(3)] == [None, records[1], records[2]]
+    assert hub.recent_final("running") is None
+    assert EventHub().recent_final("t0") is None  # the default keeps nothing
+
+
+def _final(task_id: str, status: TaskStatus = TaskStatus.SUCCESS) -> TaskRecord:
+    return TaskRecord(task_id, "cl_add", (1, 2), {}, TaskPriority.NORMAL, TaskPolicy(), status, 0.0)
