@@ -193,6 +193,7 @@ class SQLiteStore:
         self._host, self._pid, self._started = host_key(), os.getpid(), proc_start(os.getpid())
         self._hints: _Hints | None = None
         self._update_sql: dict[tuple[str, ...], str] = {}
+        self._cas_sql: dict[tuple[str, str, bool], str] = {}  # see `_cas`
         # This process's own unfinished tasks as last written, so that a write needs no
         # read back: the writer thread alone reads and changes it (see _cas).
         self._own: dict[str, TaskRecord] = {}
@@ -564,11 +565,11 @@ class SQLiteStore:
         """The SET clause and its parameters for `changes`; the statement text is cached
         per set of keys (the scheduler writes a few shapes over and over)."""
         keys = tuple(changes)
-        unknown = set(keys) - _FIELDS
-        if unknown:
-            raise ValueError(f"not task record fields: {sorted(unknown)}")
         sql = self._update_sql.get(keys)
-        if sql is None:
+        if sql is None:  # a new shape: check its keys once
+            unknown = set(keys) - _FIELDS
+            if unknown:
+                raise ValueError(f"not task record fields: {sorted(unknown)}")
             sql = self._update_sql[keys] = _set_clause(keys)
         params: list[Any] = [_field_json(key, value) for key, value in changes.items()]
         for key, value in changes.items():
@@ -594,11 +595,16 @@ class SQLiteStore:
         `_own`, the new record is made from the one last written, without reading the row
         back: the JSON decode would cost more than the write."""
         base = self._own.get(task_id) if changes is not None else None
+        shape = (sql, extra, base is not None)
+        statement = self._cas_sql.get(shape)
+        if statement is None:  # a few shapes, written over and over: made once each
+            statement = self._cas_sql[shape] = (
+                f"UPDATE tasks SET {sql}, seq = ?, writer = ?"
+                f" WHERE id = ? AND owner IS ? AND attempts = ?{extra}"
+                f" RETURNING {'1' if base is not None else 'data'}"
+            )
         row = conn.execute(
-            f"UPDATE tasks SET {sql}, seq = ?, writer = ?"
-            f" WHERE id = ? AND owner IS ? AND attempts = ?{extra}"
-            f" RETURNING {'1' if base is not None else 'data'}",
-            (*params, seq, self.owner, task_id, expect_owner, expect_attempts),
+            statement, (*params, seq, self.owner, task_id, expect_owner, expect_attempts)
         ).fetchone()
         if row is None:
             self._own.pop(task_id, None)
