@@ -1,6 +1,7 @@
 """Per-request cost over HTTP: real uvicorn (one core), wrk (the other core), `make bench`.
 
-Variants, all in one run and interleaved round by round (the median of `ROUNDS`):
+Variants, all in one run: both servers up at once, each pair measured back to back, the
+order swapped every round (the median of `ROUNDS`):
 - `GET /ping` on an app without the extension and on the same app with it;
 - `POST /work` with Starlette's `BackgroundTasks` (no extension), with `client.delay()` (the
   client injected by `TaskClientDep`) and with the task's typed handle (no dependency);
@@ -21,8 +22,8 @@ from collections.abc import Iterator
 
 from bench._uvicorn import pin, uvicorn
 
-ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", "3"))
-SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", "4"))
+SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "4"))
 CONNECTIONS = 32
 
 
@@ -59,24 +60,44 @@ def _wrk(url: str, method: str = "GET") -> tuple[float, float, float]:
     return rps, pct("50"), pct("99")
 
 
+def _new_task(url: str) -> str:
+    request = urllib.request.Request(f"{url}/work", method="POST")
+    body = urllib.request.urlopen(request).read().decode()
+    return re.search(r'"task_id":"([^"]+)"', body).group(1)  # type: ignore[union-attr]
+
+
+def _swap_pairs(variants: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """(a, b, c, d, e, f) -> (b, a, d, c, f, e)."""
+    swapped = []
+    for i in range(0, len(variants), 2):
+        swapped += variants[i : i + 2][::-1]
+    return swapped
+
+
 def run() -> tuple[list[str], list[tuple[str, float, str, bool]]]:
     """The HTTP section of docs/benchmarks.md and its checks; none without wrk."""
     if shutil.which("wrk") is None:
         print("http: wrk not found, skipped (apt-get install wrk)")
         return [], []
     results: dict[str, list[tuple[float, float, float]]] = {}
-    for _ in range(ROUNDS):
-        with _server("plain") as url:
-            results.setdefault("plain /ping", []).append(_wrk(f"{url}/ping"))
-            results.setdefault("plain /work", []).append(_wrk(f"{url}/work", "POST"))
-        with _server("ext") as url:
-            results.setdefault("ext /ping", []).append(_wrk(f"{url}/ping"))
-            results.setdefault("ext /work", []).append(_wrk(f"{url}/work", "POST"))
-            results.setdefault("ext handle", []).append(_wrk(f"{url}/work-handle", "POST"))
-            request = urllib.request.Request(f"{url}/work", method="POST")
-            body = urllib.request.urlopen(request).read().decode()
-            task_id = re.search(r'"task_id":"([^"]+)"', body).group(1)  # type: ignore[union-attr]
-            results.setdefault("ext status", []).append(_wrk(f"{url}/tasks/{task_id}"))
+    # Both servers run at once (an idle one costs nothing) and each pair of variants is
+    # measured back to back, so a change of load on the machine hits both sides alike.
+    with _server("plain") as plain, _server("ext") as ext:
+        variants = [
+            ("plain /ping", f"{plain}/ping", "GET"),
+            ("ext /ping", f"{ext}/ping", "GET"),
+            ("plain /work", f"{plain}/work", "POST"),
+            ("ext /work", f"{ext}/work", "POST"),
+            ("ext handle", f"{ext}/work-handle", "POST"),
+            ("ext status", f"{ext}/tasks/", "GET"),
+        ]
+        for round_ in range(ROUNDS):
+            # Alternate which side of each pair goes first from one round to the next.
+            order = variants if round_ % 2 == 0 else _swap_pairs(variants)
+            for key, url, method in order:
+                if key == "ext status":  # a task of its own: older ones expire (max_results)
+                    url += _new_task(ext)
+                results.setdefault(key, []).append(_wrk(url, method))
     med = {
         key: tuple(statistics.median(x[i] for x in runs) for i in range(3))
         for key, runs in results.items()
