@@ -99,6 +99,13 @@ def run() -> tuple[list[str], list[tuple[str, float, str, bool]]]:
         f"| 200 on `/tasks/events` (150 reading, 50 stalled) | {b:,.0f} tasks/s | {b / a:.3f} |",
         f"| 200 on `/tasks/events`, none reading | {c:,.0f} tasks/s | {c / a:.3f} |",
         "",
+        "A client that stops reading costs the server about what a reader costs until the",
+        "kernel's send buffer of its connection is full (up to a few MiB): the server cannot",
+        "tell the two apart before, which is why 200 stalled streams cost as much as 150",
+        "reading ones, or more (the kernel keeps what they do not read). Once the buffer is",
+        "full, the stream waits and costs nothing; if it falls too far behind it is ended with",
+        "an `overflow` event.",
+        "",
         f"Every reading stream saw every task succeed: **{'yes' if complete else 'NO'}**.",
         "",
     ]
