@@ -118,7 +118,8 @@ def test_fast_encoders_agree_with_the_general_ones() -> None:
     from datetime import UTC, datetime
 
     from fastworker_fastapi.records import TaskPolicy, TaskRecord, dumps, evolve
-    from fastworker_fastapi.stores.sqlite import _encode, _field_json
+    from fastworker_fastapi.stores._fields import encode_field
+    from fastworker_fastapi.stores.sqlite import _field_json
 
     values: list[tuple[str, Any]] = [
         ("status", TaskStatus.SUCCESS),
@@ -135,8 +136,8 @@ def test_fast_encoders_agree_with_the_general_ones() -> None:
         ("policy", TaskPolicy(timeout=2.0)),
     ]
     for key, value in values:
-        assert _field_json(key, value) == dumps(_encode(key, value))
-        assert json.loads(_field_json(key, value)) == json.loads(dumps(_encode(key, value)))
+        assert _field_json(key, value) == dumps(encode_field(key, value))
+        assert json.loads(_field_json(key, value)) == json.loads(dumps(encode_field(key, value)))
     record = TaskRecord(
         "id-1", "t", (1,), {}, TaskPriority.HIGH, TaskPolicy(), TaskStatus.QUEUED, time.time()
     )

@@ -82,9 +82,9 @@ from fastworker_fastapi.records import (
     TaskRecord,
     dumps,
 )
+from fastworker_fastapi.stores._fields import encode_field, epoch, micros, schedule_state
 from fastworker_fastapi.stores._hosts import host_key, proc_start, process_gone
 from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
-from fastworker_fastapi.stores.sqlite import _encode, _epoch, _micros, _schedule_state
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -117,9 +117,9 @@ _COLUMNS: dict[str, Callable[[Any], Any]] = {
     "status": lambda value: TaskStatus(value).value,
     "owner": lambda value: value,
     "attempts": int,
-    "eta": _epoch,
+    "eta": epoch,
     "created": float,
-    "completed_at": _epoch,
+    "completed_at": epoch,
     "cancel_requested": bool,
     "delivery": lambda value: value is not None and value.open,
 }
@@ -482,7 +482,7 @@ class PostgresStore:
         columns: list[list[Any]] = [[] for _ in range(11)]
         for record in records:
             delivery = record.delivery
-            completed = _epoch(record.completed_at)
+            completed = epoch(record.completed_at)
             if completed is None and record.status in FINAL_STATUSES:
                 completed = time.time()
             row = (
@@ -491,7 +491,7 @@ class PostgresStore:
                 record.status.value,
                 record.owner,
                 record.attempts,
-                _epoch(record.eta),
+                epoch(record.eta),
                 record.created,
                 completed,
                 record.cancel_requested,
@@ -533,7 +533,7 @@ class PostgresStore:
             if unknown:
                 raise ValueError(f"not task record fields: {sorted(unknown)}")
             sql = self._update_sql[keys] = _update_sql(self.schema, keys)
-        patch = _json_text({key: _encode(key, value) for key, value in changes.items()})
+        patch = _json_text({key: encode_field(key, value) for key, value in changes.items()})
         params: list[Any] = [patch]
         for key, value in changes.items():
             if key in _COLUMNS:
@@ -802,7 +802,7 @@ class PostgresStore:
             )
             return await cur.fetchall()
 
-        return {row[0]: _schedule_state(row) for row in await self._call(op)}
+        return {row[0]: schedule_state(row) for row in await self._call(op)}
 
     async def update_schedule(
         self,
@@ -816,8 +816,8 @@ class PostgresStore:
         params = {
             "name": name,
             "paused": paused,
-            "last_due": _micros(last_due),
-            "resumed_at": _micros(resumed_at),
+            "last_due": micros(last_due),
+            "resumed_at": micros(resumed_at),
         }
 
         async def op(conn: AConn) -> Any:
@@ -833,7 +833,7 @@ class PostgresStore:
             )
             return await cur.fetchone()
 
-        return _schedule_state(await self._call(op, retry=True))
+        return schedule_state(await self._call(op, retry=True))
 
     async def expire(self) -> int:
         s = self.schema

@@ -51,8 +51,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
-from datetime import UTC, datetime, timedelta
-from enum import Enum
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from fastworker.tasks.models import TaskStatus
@@ -65,12 +64,11 @@ from fastworker_fastapi.errors import (
 from fastworker_fastapi.records import (
     FINAL_STATUSES,
     WAITING_STATUSES,
-    CallbackDelivery,
-    TaskPolicy,
     TaskRecord,
     dumps,
     evolve,
 )
+from fastworker_fastapi.stores._fields import encode_field, epoch, micros, schedule_state
 from fastworker_fastapi.stores._hosts import host_key, proc_start, process_gone
 from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes, released_changes
 
@@ -544,7 +542,7 @@ class SQLiteStore:
     def _row(self, record: TaskRecord) -> tuple[Any, ...]:
         data = record.to_json()
         delivery = record.delivery
-        completed = _epoch(record.completed_at)
+        completed = epoch(record.completed_at)
         if completed is None and record.status in FINAL_STATUSES:
             completed = time.time()
         return (
@@ -553,7 +551,7 @@ class SQLiteStore:
             record.status.value,
             record.owner,
             record.attempts,
-            _epoch(record.eta),
+            epoch(record.eta),
             record.created,
             completed,
             int(record.cancel_requested),
@@ -835,7 +833,7 @@ class SQLiteStore:
 
     async def schedule_states(self) -> dict[str, ScheduleState]:
         rows = self._read_conn().execute("SELECT name, paused, last_due, resumed_at FROM schedules")
-        return {row[0]: _schedule_state(row) for row in rows}
+        return {row[0]: schedule_state(row) for row in rows}
 
     async def update_schedule(
         self,
@@ -848,8 +846,8 @@ class SQLiteStore:
         params = (
             name,
             None if paused is None else int(paused),
-            _micros(last_due),
-            _micros(resumed_at),
+            micros(last_due),
+            micros(resumed_at),
         )
 
         def op(conn: sqlite3.Connection, seq: int) -> tuple[ScheduleState, Sequence[Any]]:
@@ -864,7 +862,7 @@ class SQLiteStore:
                 " RETURNING name, paused, last_due, resumed_at",
                 params,
             ).fetchone()
-            return _schedule_state(row), ()
+            return schedule_state(row), ()
 
         state: ScheduleState = await self._submit(op)
         return state
@@ -920,47 +918,8 @@ class SQLiteStore:
 # -- encoding -------------------------------------------------------------------------------
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _epoch(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
-def _encode(key: str, value: Any) -> Any:
-    """One field as `TaskRecord.to_json` writes it (the contract suite checks they agree)."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, TaskPolicy):
-        return [
-            value.timeout,
-            value.max_retries,
-            value.retry_delay,
-            value.retry_backoff,
-            value.retry_backoff_max,
-        ]
-    if isinstance(value, CallbackDelivery):
-        return [
-            value.state,
-            value.attempts,
-            value.last_error,
-            _iso(value.delivered_at),
-            value.delivery_id,
-        ]
-    if key == "callback":
-        return [value.address, value.data]
-    if key == "args":
-        return list(value)
-    return value
-
-
 def _field_json(key: str, value: Any) -> str:
-    """`dumps(_encode(key, value))`, with the values the scheduler writes for every task
+    """`dumps(encode_field(key, value))`, with the values the scheduler writes for every task
     (statuses, times, counts, plain results) encoded without building a JSON encoder."""
     if value is None:
         return "null"
@@ -975,7 +934,7 @@ def _field_json(key: str, value: Any) -> str:
         return _quote(value.isoformat())
     if kind is TaskStatus:
         return _quote(value.value)
-    return dumps(_encode(key, value))
+    return dumps(encode_field(key, value))
 
 
 _quote = json.encoder.encode_basestring_ascii  # what `dumps` does with a str (C, ASCII)
@@ -990,30 +949,13 @@ _COLUMNS: dict[str, Callable[[Any], Any]] = {
     "status": _status_value,
     "owner": lambda value: value,
     "attempts": int,
-    "eta": _epoch,
+    "eta": epoch,
     "created": float,
-    "completed_at": _epoch,
+    "completed_at": epoch,
     "cancel_requested": int,
     "delivery": lambda value: int(value is not None and value.open),
 }
 _COLUMN_NAMES = {"delivery": "delivery_open"}
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(value: datetime | None) -> int | None:
-    """Microseconds since the epoch: exact, so due times compare exactly."""
-    return None if value is None else (value - _EPOCH) // timedelta(microseconds=1)
-
-
-def _from_micros(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + timedelta(microseconds=value)
-
-
-def _schedule_state(row: Sequence[Any]) -> ScheduleState:
-    name, paused, last_due, resumed_at = row
-    return ScheduleState(name, bool(paused), _from_micros(last_due), _from_micros(resumed_at))
 
 
 def _set_clause(keys: Iterable[str]) -> str:
