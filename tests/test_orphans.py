@@ -47,7 +47,11 @@ def _free(port: int) -> bool:
         return True
 
 
-def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill the process's group, wait for it and close its pipes, whatever the test did."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
     for pipe in (process.stdin, process.stdout):
         if pipe is not None:
             pipe.close()
@@ -76,10 +80,7 @@ async def test_sigkill_of_the_app_takes_its_spawned_planes_with_it() -> None:
         ports = [int(port) for p in planes for port in p["ports"]]  # type: ignore[attr-defined]
         await eventually(lambda: all(_free(port) for port in ports), timeout=5)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(app.pid, signal.SIGKILL)
-        app.wait()
-        _close_pipes(app)
+        _reap(app)
         for plane in planes:  # should the test fail: never leave a plane behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(str(plane["pid"])), signal.SIGKILL)
@@ -113,10 +114,7 @@ def test_the_portable_watch_kills_the_group_when_the_app_end_of_the_pipe_closes(
         os.close(write_end)  # as the app's exit would
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-        _close_pipes(child)
+        _reap(child)
 
 
 def test_a_plane_whose_app_died_during_the_spawn_kills_itself() -> None:
@@ -131,10 +129,7 @@ def test_a_plane_whose_app_died_during_the_spawn_kills_itself() -> None:
     try:
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-        _close_pipes(child)
+        _reap(child)
 
 
 def test_the_parent_death_signal_is_armed_on_linux() -> None:
