@@ -280,7 +280,10 @@ class TaskClient:
         hub = self._hub
         if store is None or hub is None:
             _not_started()
-        record = hub.recent_final(task_id) or store.peek(task_id)
+        # A durable store's read is a query: a result this process saw published needs none.
+        record = hub.recent_final(task_id) if store.durable else None
+        if record is None:
+            record = store.peek(task_id)
         if record is not None and record.status._value_ in FINAL_VALUES:  # done: no waiter
             return record.to_task_result()
         waiter = hub.final_waiter(task_id)  # first, so a change during the read is not missed
