@@ -1,7 +1,8 @@
 """`make bench`: measure, compare with baselines from the same run, write docs/benchmarks.md.
 
 Each figure is the median of `REPEATS` runs; ratios are taken between medians measured in
-this run on this machine, so they say something even where absolute numbers do not.
+this run on this machine (a figure and its baseline in turns), so they say something even
+where absolute numbers do not.
 """
 
 from __future__ import annotations
@@ -43,11 +44,31 @@ async def median_of(measure: Callable[[], Awaitable[float]]) -> float:
     return statistics.median(results)
 
 
+async def paired_medians(
+    first: Callable[[], Awaitable[float]], second: Callable[[], Awaitable[float]]
+) -> tuple[float, float]:
+    """Medians of REPEATS runs of each, the two taken in turns (the order swapped every
+    round), so a drift of the machine's speed moves both alike. Each measured run follows
+    an unmeasured run of the same code: what one leaves in the allocator and the caches
+    moves the other's figure by up to 10% on this kind of machine."""
+    results: tuple[list[float], list[float]] = ([], [])
+    for round_ in range(REPEATS):
+        for which in (0, 1) if round_ % 2 == 0 else (1, 0):
+            measure = first if which == 0 else second
+            gc.collect()
+            await measure()
+            gc.collect()
+            results[which].append(await measure())
+    return statistics.median(results[0]), statistics.median(results[1])
+
+
 async def main() -> int:
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores")
     print(f"median of {REPEATS} runs; N={N} tasks, {WORKERS} workers\n")
-    ceiling = await median_of(lambda: asyncio_queue_ceiling(N, WORKERS))
-    ours = await median_of(lambda: fastworker_fastapi_throughput(N, WORKERS))
+    ceiling, ours = await paired_medians(
+        lambda: asyncio_queue_ceiling(N, WORKERS),
+        lambda: fastworker_fastapi_throughput(N, WORKERS),
+    )
     cost = await median_of(lambda: delay_cost_us(2000, 5))
     print(f"asyncio.Queue ceiling        {ceiling:12,.0f} tasks/s")
     print(f"fastworker-fastapi in-process {ours:11,.0f} tasks/s  ({ours / ceiling:.1%} of ceiling)")

@@ -27,10 +27,12 @@ class TaskIds:
 
     def __init__(self, block: int = 256) -> None:
         self._block = block
-        self._pool: list[str] = []
+        self.pool: list[str] = []
+        """Fresh ids, never replaced: a hot path may pop one itself while it is not empty
+        (`pool.pop() if pool else ids.next()`), a call less than `next()`."""
 
     def next(self) -> str:
-        pool = self._pool
+        pool = self.pool
         if not pool:
             pool.extend(_make(self._block))
         return pool.pop()

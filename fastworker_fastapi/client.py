@@ -91,6 +91,7 @@ class TaskClient:
         self._validate_callback: Callable[[str], None] | None = None
         self._resolve: Callable[[str], TaskDefinition | None] | None = None
         self._ids = TaskIds()
+        self._id_pool = self._ids.pool
 
     def _bind(
         self,
@@ -175,10 +176,30 @@ class TaskClient:
         **kwargs: Any,
     ) -> str:
         """Submit a task and return its id at once (the task runs in the background)."""
-        scheduler = self._scheduler  # `_submit`, inlined: this is the hot path
-        if scheduler is None:
+        scheduler, resolve = self._scheduler, self._resolve  # `_submit`, inlined: the hot path
+        if scheduler is None or resolve is None:
             _not_started()
-        record, definition, wait = self._prepare(task_name, args, kwargs, priority, eta, countdown)
+        if not kwargs and priority is None and eta is None and countdown is None and _simple(args):
+            # The common call, `delay("name", *plain_values)`: what `_prepare` does for it.
+            definition = resolve(task_name)
+            if definition is None:
+                _unknown_task(task_name)
+            pool = self._id_pool
+            record = TaskRecord(
+                pool.pop() if pool else self._ids.next(),
+                definition.name,
+                args,
+                _NO_KWARGS,
+                definition.priority,
+                definition.policy,
+                TaskStatus.PENDING,
+                time.time(),
+            )
+            wait = 0.0
+        else:
+            record, definition, wait = self._prepare(
+                task_name, args, kwargs, priority, eta, countdown
+            )
         if not scheduler.submit_now(record, definition, wait):
             await scheduler.submit(record, definition, wait)
         return record.id
@@ -349,10 +370,7 @@ class TaskClient:
             _not_started()
         definition = resolve(task_name)
         if definition is None:
-            raise UnknownTaskError(
-                f"no task registered under {task_name!r}; register it with "
-                "@background_task (or fastworker's @task) in a module the app imports"
-            )
+            _unknown_task(task_name)
         level = definition.priority if priority is None else parse_priority(priority)
         if eta is None and countdown is None:
             delay, eta_utc = 0.0, None
@@ -411,6 +429,13 @@ def _not_started() -> NoReturn:
     raise NotRunningError(
         "the FastWorker extension has not started: run the app's lifespan first "
         "(uvicorn does; in tests use asgi_lifespan.LifespanManager or `with TestClient(app)`)"
+    )
+
+
+def _unknown_task(task_name: str) -> NoReturn:
+    raise UnknownTaskError(
+        f"no task registered under {task_name!r}; register it with "
+        "@background_task (or fastworker's @task) in a module the app imports"
     )
 
 

@@ -231,6 +231,10 @@ class EventHub:
         # The last `keep_finals` final records published, by id (see `recent_final`).
         self._keep_finals = keep_finals
         self._finals: dict[str, TaskRecord] = {}
+        self.watched = False
+        """True while someone follows every change (a listener of all changes, or a
+        subscription). While it is False a change to a non-final status reaches nobody, so
+        a store may skip publishing it: the memory store's hot path does."""
 
     def add_listener(
         self,
@@ -268,11 +272,16 @@ class EventHub:
 
             return remove_remote
         self._listeners = [*self._listeners, listener]
+        self._rewatch()
 
         def remove_any() -> None:
             self._listeners = [x for x in self._listeners if x is not listener]
+            self._rewatch()
 
         return remove_any
+
+    def _rewatch(self) -> None:
+        self.watched = bool(self._listeners or self._subscriptions)
 
     def subscribe(
         self, *, max_buffer: int = 256, accept: RecordFilter | None = None
@@ -288,10 +297,12 @@ class EventHub:
             subscription.ended_by = self._closed
             return subscription
         self._subscriptions.add(subscription)
+        self.watched = True
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
+        self._rewatch()
         if not self._subscriptions:  # nobody reads the log: drop it
             self._log = {}
             self._floor = self._seq
@@ -363,37 +374,52 @@ class EventHub:
         if remote and self._remote_listeners:
             for listener in self._remote_listeners:
                 self._call(listener, record)
-        if self._waiters and record.status._value_ in FINAL_VALUES:
+        if record.status._value_ in FINAL_VALUES:
+            self.publish_final(record)
+            return
+        if self._listeners:
+            for listener in self._listeners:  # never mutated in place: see add_listener
+                self._call(listener, record)
+        if self._subscriptions:
+            self._log_change(record)
+
+    def publish_final(self, record: TaskRecord) -> None:
+        """`publish` of a record known to be final and written here: the memory store's hot
+        path (one per task) calls it directly."""
+        if self._waiters:
             for future in self._waiters.pop(record.id, ()):
                 if not future.done():
                     future.set_result(record)
-        if self._keep_finals and record.status._value_ in FINAL_VALUES:
+        if self._keep_finals:
             finals = self._finals
             finals[record.id] = record
             if len(finals) > self._keep_finals:
                 del finals[next(iter(finals))]
         if self._listeners:
-            for listener in self._listeners:  # never mutated in place: see add_listener
+            for listener in self._listeners:
                 self._call(listener, record)
-        if self._final_listeners and record.status._value_ in FINAL_VALUES:
-            for listener, when in self._final_listeners:
-                if when is None or getattr(record, when) is not None:
-                    self._call(listener, record)
-        if self._subscriptions:  # one log entry, however many read it
-            seq = self._seq = self._seq + 1
-            log = self._log
-            task_id = record.id
-            if task_id in log:
-                del log[task_id]  # re-added at the end: the log is ordered by last change
-            log[task_id] = (seq, Change(record))
-            if len(log) > self._log_max:
-                self._floor = log.pop(next(iter(log)))[0]
-            readers = self._readers
-            if readers:
-                self._readers = []
-                for reader in readers:
-                    if not reader.done():
-                        reader.set_result(None)
+        for listener, when in self._final_listeners:
+            if when is None or getattr(record, when) is not None:
+                self._call(listener, record)
+        if self._subscriptions:
+            self._log_change(record)
+
+    def _log_change(self, record: TaskRecord) -> None:
+        """One log entry, however many subscriptions read it; wake the waiting readers."""
+        seq = self._seq = self._seq + 1
+        log = self._log
+        task_id = record.id
+        if task_id in log:
+            del log[task_id]  # re-added at the end: the log is ordered by last change
+        log[task_id] = (seq, Change(record))
+        if len(log) > self._log_max:
+            self._floor = log.pop(next(iter(log)))[0]
+        readers = self._readers
+        if readers:
+            self._readers = []
+            for reader in readers:
+                if not reader.done():
+                    reader.set_result(None)
 
     @staticmethod
     def _call(listener: Listener, record: TaskRecord) -> None:

@@ -147,15 +147,23 @@ class TaskRecord:
         """FastWorker's view: `PENDING` until final, whatever the finer state."""
         if self.status._value_ not in FINAL_VALUES:
             return _task_result(self.id, TaskStatus.PENDING, None, None, None, None, self.callback)
-        return _task_result(
-            self.id,
-            self.status,
-            self.result,
-            self.error,
-            self.started_at,
-            self.completed_at,
-            self.callback,
+        model = _new(TaskResult)  # `_task_result`, inline: `wait()` makes one per task
+        _set_dict(
+            model,
+            {
+                "task_id": self.id,
+                "status": self.status,
+                "result": self.result,
+                "error": self.error,
+                "started_at": self.started_at,
+                "completed_at": self.completed_at,
+                "callback": self.callback,
+            },
         )
+        _set_fields_set(model, _TASK_RESULT_FIELDS)
+        _set_extra(model, None)
+        _set_private(model, None)
+        return model
 
     # -- JSON (what stores keep) -----------------------------------------------------------
 
@@ -276,9 +284,9 @@ def dumps(value: Any) -> str:
 # `add` on assignment never changes it.
 _TASK_RESULT_FIELDS = set(TaskResult.model_fields)
 _new = object.__new__  # pydantic models define no __new__ of their own
-_set_dict = object.__setattr__
-# Setters of the three slots every pydantic model has, taken from BaseModel once: calling a
+# Setters of the four slots every pydantic model has, taken from BaseModel once: calling a
 # slot's own setter skips the attribute lookup `object.__setattr__` makes on each call.
+_set_dict = BaseModel.__dict__["__dict__"].__set__
 _set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
@@ -302,7 +310,6 @@ def _task_result(
     model = _new(TaskResult)
     _set_dict(
         model,
-        "__dict__",
         {
             "task_id": task_id,
             "status": status,

@@ -75,6 +75,7 @@ logger = logging.getLogger("fastworker_fastapi")
 
 _now = datetime.now  # `_now(UTC)`: one call less than records.utcnow on the hot path
 _LEVELS = PRIORITY_LEVELS
+_QUEUED = TaskStatus.QUEUED
 _RUNNING = TaskStatus.RUNNING
 _SUCCESS = TaskStatus.SUCCESS
 _MAX_ERROR = 4000  # characters of an error message kept
@@ -98,10 +99,12 @@ class _Run:
     reason: tuple[str, str] | None = None
     progress: Any = None  # progress.py's state, once the task reports
 
-    def __init__(self, record: TaskRecord, definition: TaskDefinition) -> None:
+    def __init__(
+        self, record: TaskRecord, definition: TaskDefinition, stage: int = SUBMITTING
+    ) -> None:
         self.record = record  # the latest record the store returned
         self.definition = definition
-        self.stage = SUBMITTING  # until placed in a queue or a timer
+        self.stage = stage  # SUBMITTING: until placed in a queue or a timer
 
     @property
     def id(self) -> str:
@@ -242,13 +245,18 @@ class Scheduler:
         if not self.accepting or len(runs) >= self.max_pending:
             self.check_capacity()
         record.owner = self.store.owner  # still being built: nobody else holds it yet
-        record.status = TaskStatus.SCHEDULED if delay > 0 else TaskStatus.QUEUED
-        add(record)
-        run = runs[record.id] = _Run(record, definition)
         if delay > 0 or self._closing:
+            record.status = TaskStatus.SCHEDULED if delay > 0 else _QUEUED
+            add(record)
+            run = runs[record.id] = _Run(record, definition)
             self._place(run, delay)
-        else:
-            self._enqueue(run)
+            return True
+        record.status = _QUEUED
+        add(record)
+        run = runs[record.id] = _Run(record, definition, QUEUED)  # `_enqueue`, inline
+        self._queues[_LEVELS[record.priority]].append(run)
+        if self._idle:
+            self._wake_one()
         return True
 
     async def submit(self, record: TaskRecord, definition: TaskDefinition, delay: float) -> None:
@@ -368,6 +376,11 @@ class Scheduler:
     def _enqueue(self, run: _Run) -> None:
         run.stage = QUEUED
         self._queues[_LEVELS[run.record.priority]].append(run)
+        if self._idle:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Wake one parked worker (the queues just got a run)."""
         idle = self._idle
         while idle:
             waiter = idle.popleft()
@@ -483,7 +496,12 @@ class Scheduler:
         acquire = getattr(self.executor, "acquire", None)
         release = getattr(self.executor, "release", None)
         set_current = _context.current_run.set
+        inline = getattr(self.executor, "runs_plain_inline", False)
         small = min(4096, self.max_result_bytes)  # ASCII strings below it need no check
+        # The clock reading that ended the previous task, when nothing was awaited since: a
+        # worker going straight on to the next task takes one reading for both (datetimes
+        # have microsecond resolution; the two instants are about a microsecond apart).
+        handover: datetime | None = None
         try:
             while True:
                 for queue in queues:
@@ -491,6 +509,7 @@ class Scheduler:
                         run = queue.popleft()
                         break
                 else:
+                    handover = None
                     if self._closing:
                         return
                     waiter = self._loop.create_future()
@@ -501,6 +520,7 @@ class Scheduler:
                 slot = None
                 if acquire is not None:
                     run.stage = ACQUIRING
+                    handover = None
                     try:
                         slot = await acquire(run.record)
                     except asyncio.CancelledError:
@@ -518,7 +538,10 @@ class Scheduler:
                 run.stage = STARTING
                 record = run.record
                 owner = record.owner
-                started = _now(UTC)
+                if handover is None:
+                    started = _now(UTC)
+                else:
+                    started, handover = handover, None
                 updated: TaskRecord | None
                 if mark_running is not None:
                     updated = mark_running(record.id, owner, record.attempts, started)
@@ -558,10 +581,13 @@ class Scheduler:
                 # threads and sub-tasks copy it when they start, so each sees its own run.
                 set_current(run)
                 try:
-                    if record.policy.timeout is None:
-                        value = await run_task(record, run.definition, slot)
-                    else:
+                    definition = run.definition
+                    if record.policy.timeout is not None:
                         value = await self._run_with_timeout(run, slot)
+                    elif inline and definition.plain:
+                        value = await definition.func(*record.args, **record.kwargs)
+                    else:
+                        value = await run_task(record, definition, slot)
                 except asyncio.CancelledError:
                     if run.reason is None:
                         raise  # not ours: the extension is being torn down
@@ -592,10 +618,11 @@ class Scheduler:
                         or (kind is str and len(value) < small and value.isascii())
                     )
                 ):  # the common case, inline: a plain value, nothing else to write
-                    done = (
-                        mark_succeeded(record.id, owner, record.attempts, value, _now(UTC))
-                        if mark_succeeded is not None
-                        else await update(
+                    if mark_succeeded is not None:
+                        handover = _now(UTC)
+                        done = mark_succeeded(record.id, owner, record.attempts, value, handover)
+                    else:
+                        done = await update(
                             record.id,
                             owner,
                             record.attempts,
@@ -603,7 +630,6 @@ class Scheduler:
                             result=value,
                             completed_at=_now(UTC),
                         )
-                    )
                     if done:
                         del self._runs[record.id]
                     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -46,6 +46,13 @@ class TaskDefinition:
     # fastworker's `@task(before=..., after=...)` hooks: each gets the attempt's `Task`.
     before: Callable[..., Any] | None = None
     after: Callable[..., Any] | None = None
+    # A coroutine function without hooks: running it is calling it (worked out once here,
+    # read once per task by the scheduler).
+    plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plain = self.is_async and self.before is None and self.after is None
+        object.__setattr__(self, "plain", plain)  # frozen: set once, here
 
 
 class TaskRegistry:

@@ -30,6 +30,11 @@ _thread_gates: dict[str, threading.Event] = {}
 _attempts: dict[str, int] = {}
 
 
+@background_task(name="live_plain")
+async def live_plain() -> str:
+    return "quick"
+
+
 @background_task(name="live_async_progress")
 async def live_async_progress(token: str, steps: int) -> str:
     report_progress(0.5, "halfway")
@@ -589,3 +594,32 @@ async def test_streams_sharing_a_text_share_its_bytes_and_closing_closes_the_bod
     assert again == text.encode() and (again is first[2])  # the last text's bytes, reused
     await stream.aclose()  # a client that went away: its body is closed too
     assert closed == [True, True]
+
+
+def test_the_hub_is_watched_only_while_someone_follows_every_change() -> None:
+    hub = EventHub()
+    assert not hub.watched
+    hub.add_listener(lambda record: None, final_only=True)
+    hub.add_listener(lambda record: None, remote_only=True)
+    assert not hub.watched  # neither wants this process's non-final changes
+    remove = hub.add_listener(lambda record: None)
+    assert hub.watched
+    remove()
+    assert not hub.watched
+    subscription = hub.subscribe()
+    assert hub.watched
+    subscription.close()
+    assert not hub.watched
+
+
+async def test_a_follower_that_arrives_late_sees_every_change_with_the_memory_store() -> None:
+    # The memory store skips publishing non-final changes nobody follows: a listener that
+    # starts later must get them from then on.
+    fw = FastWorker(store="memory")
+    async with fw.run() as client:
+        seen: list[tuple[str, TaskStatus]] = []
+        client.events.add_listener(lambda record: seen.append((record.id, record.status)))
+        task_id = await client.delay("live_plain")
+        await client.wait(task_id, 5)
+    statuses = [status for seen_id, status in seen if seen_id == task_id]
+    assert statuses == [TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.SUCCESS]

@@ -418,3 +418,21 @@ async def test_cancel_of_a_submission_in_flight_cancels_it_once_placed() -> None
         await anyio.lowlevel.checkpoint()
         store.gate.set()
     assert ids == [task_id] and cancelled == [TaskStatus.CANCELLED]
+
+
+async def test_a_worker_reads_the_clock_anew_after_waiting_for_work() -> None:
+    # Back to back, one clock reading ends a task and starts the next; a worker that waited
+    # for work in between must not reuse it (the next task would seem to start too early).
+    app, fw = make(concurrency=1)
+    async with serve(app):
+        client = fw.client
+        GATES["clock"] = anyio.Event()
+        first = await client.delay("sched_gate", "clock")
+        second = await client.delay("sched_record", "straight-on")
+        GATES["clock"].set()
+        done_first, done_second = await client.wait(first, 5), await client.wait(second, 5)
+        mark = datetime.now(UTC)  # the worker is idle now: it waits for work
+        third = await client.wait(await client.delay("sched_record", "after-a-wait"), 5)
+    assert done_first.completed_at is not None and done_second.started_at is not None
+    assert done_second.started_at >= done_first.completed_at
+    assert third.started_at is not None and third.started_at >= mark

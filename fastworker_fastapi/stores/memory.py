@@ -42,6 +42,8 @@ class MemoryStore:
         self.result_ttl = 3600.0
         self.max_results = 10_000
         self._publish: Callable[[TaskRecord], None] = _not_open
+        self._publish_final: Callable[[TaskRecord], None] = _not_open
+        self._hub: EventHub | _NotOpen = _NOT_OPEN
         self._records: dict[str, TaskRecord] = {}
         # Two deques rather than one of tuples: no object per task for the GC to walk.
         self._finished: deque[str] = deque()
@@ -56,6 +58,8 @@ class MemoryStore:
         self, hub: EventHub, task_group: TaskGroup, *, result_ttl: float, max_results: int
     ) -> None:
         self._publish = hub.publish
+        self._publish_final = hub.publish_final
+        self._hub = hub
         self.result_ttl = result_ttl
         self.max_results = max_results
 
@@ -83,12 +87,12 @@ class MemoryStore:
 
     def add_one(self, record: TaskRecord) -> None:
         """`add((record,))`, without the tuple: the scheduler's submission hot path."""
-        store = self._records
-        if record.id in store:
+        if self._records.setdefault(record.id, record) is not record:  # one lookup, not two
             raise ValueError(f"a task with id {record.id!r} exists already")
-        store[record.id] = record
         if record.status._value_ in FINAL_VALUES:
             self._finish(record)
+        elif not self._hub.watched:
+            return  # nobody follows non-final changes (see EventHub.watched)
         self._publish(record)
 
     async def insert_if_absent(self, record: TaskRecord) -> bool:
@@ -138,7 +142,8 @@ class MemoryStore:
         record.status = _RUNNING
         record.started_at = started_at
         record.attempts = expect_attempts + 1
-        self._publish(record)
+        if self._hub.watched:
+            self._publish(record)
         return record
 
     def mark_succeeded(
@@ -161,8 +166,13 @@ class MemoryStore:
         record.status = _SUCCESS
         record.result = result
         record.completed_at = completed_at
-        self._finish(record)
-        self._publish(record)
+        now = time.monotonic()  # `_finish`, inline: once per task
+        finished_at = self._finished_at
+        self._finished.append(task_id)
+        finished_at.append(now)
+        if len(finished_at) > self.max_results or finished_at[0] <= now - self.result_ttl:
+            self._expire()
+        self._publish_final(record)
         return record
 
     def _finish(self, record: TaskRecord) -> None:
@@ -273,3 +283,12 @@ _RUNNING, _SUCCESS = TaskStatus.RUNNING, TaskStatus.SUCCESS
 
 def _not_open(record: TaskRecord) -> None:
     raise RuntimeError("the store is not open")
+
+
+class _NotOpen:
+    """The hub's place before `open()`: watched, so every write publishes, and fails."""
+
+    watched = True
+
+
+_NOT_OPEN = _NotOpen()

@@ -9,7 +9,7 @@ that and the thread's late result is discarded.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +53,12 @@ class InProcessWorkers:
 class InProcessExecutor:
     """Runs registered functions in this process."""
 
+    runs_plain_inline = True  # see workers/base.py: `run()` of a plain task is the call
+
     def __init__(self, settings: InProcessWorkers, registry: TaskRegistry) -> None:
         self._registry = registry
+        # The registry's own lookup, not a method calling it: one call less per submission.
+        self.resolve: Callable[[str], TaskDefinition | None] = registry.get
         self._concurrency = settings.concurrency
         self._thread_limit = settings.thread_limit or settings.concurrency
         self._limiter: anyio.CapacityLimiter | None = None
@@ -63,14 +67,11 @@ class InProcessExecutor:
     def concurrency(self) -> int:
         return self._concurrency
 
-    def resolve(self, name: str) -> TaskDefinition | None:
-        return self._registry.get(name)
-
     async def start(self, task_group: TaskGroup) -> None:
         self._limiter = anyio.CapacityLimiter(self._thread_limit)
 
     def run(self, record: TaskRecord, definition: TaskDefinition, slot: Any) -> Awaitable[Any]:
-        if definition.is_async and definition.before is None and definition.after is None:
+        if definition.plain:
             coroutine: Awaitable[Any] = definition.func(*record.args, **record.kwargs)
             return coroutine  # the common case first: the task's own coroutine
         if definition.before is not None or definition.after is not None:  # fastworker's
