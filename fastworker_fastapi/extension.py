@@ -70,7 +70,9 @@ class FastWorker(ClientMethods):
     - `prefix`: where the status routes go (`"/tasks"`); `None` mounts none;
     - `route_dependencies`: dependencies guarding every status route (auth);
     - `result_ttl`, `max_results`: how long and how many finished tasks are kept;
-    - `max_pending`: how many unfinished tasks may wait; beyond it submissions get 503;
+    - `max_pending`: how many unfinished tasks may wait; beyond it submissions get 503
+      (with a durable store, also how many recent final records `wait()` answers from
+      memory);
     - `shutdown_timeout`: how long shutdown waits for running and queued tasks;
     - `exception_handlers`: answer this package's errors with their HTTP status and a
       `detail` (on by default);
@@ -222,10 +224,11 @@ class FastWorker(ClientMethods):
         if self.client.running:
             raise ConfigurationError("this FastWorker is already running")
         store = resolve_store(self.store_setting)
-        # With a store that reads cost a query, `wait()` answers recent results from the hub.
-        hub = EventHub(
-            log_max=max(1024, self.event_buffer * 64), keep_finals=1024 if store.durable else 0
-        )
+        # With a store whose reads are queries, `wait()` answers recent results from the hub:
+        # as many as may be pending at once, so a batch submitted, then awaited, needs none
+        # (memory stays bounded by max_pending, as the pending tasks' own state is).
+        keep = max(1024, self.max_pending) if store.durable else 0
+        hub = EventHub(log_max=max(1024, self.event_buffer * 64), keep_finals=keep)
         executor = self.workers.build_executor(self.registry)
         async with anyio.create_task_group() as task_group:
             await store.open(

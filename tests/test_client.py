@@ -232,14 +232,20 @@ async def test_wait_after_a_task_finished_answers_from_the_hub_with_a_durable_st
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a store whose reads are queries, `wait()` for a task that finished recently
-    needs none: the hub keeps the last final records published (bounded)."""
+    needs none: the hub keeps as many final records as `max_pending` (at least 1,024), so a
+    batch submitted first and awaited after needs no query either."""
     from fastworker_fastapi.events import EventHub
 
     app = FastAPI()
-    fw = FastWorker(app, store=f"sqlite:///{tmp_path}/tasks.db")
+    fw = FastWorker(app, store=f"sqlite:///{tmp_path}/tasks.db", max_pending=1500)
     async with serve(app):
         task_id = await fw.client.delay("cl_add", 2, 3)
         assert (await fw.client.wait(task_id, timeout=10)).result == 5
+        batch = await fw.client.submit_batch(
+            [{"task_name": "cl_add", "args": (n, 1)} for n in range(1200)]
+        )
+        for one in batch:  # (these may read the store)
+            await fw.client.wait(one, timeout=30)
 
         def no_query(task_id: str) -> None:
             raise AssertionError("wait() read the store for a task it saw finish")
@@ -247,6 +253,8 @@ async def test_wait_after_a_task_finished_answers_from_the_hub_with_a_durable_st
         monkeypatch.setattr(fw.client.store, "peek", no_query)
         again = await fw.client.wait(task_id, timeout=10)
         assert again.status is TaskStatus.SUCCESS and again.result == 5
+        results = [await fw.client.wait(one, timeout=10) for one in batch]
+        assert [result.result for result in results] == [n + 1 for n in range(1200)]
     hub = EventHub(keep_finals=2)
     records = [_final(f"t{n}") for n in range(3)]
     for record in records:

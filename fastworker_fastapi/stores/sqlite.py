@@ -12,11 +12,14 @@ Why it is shaped this way (numbers from docs/DESIGN section 7, measured on a 2-c
 - **Reads on the loop.** A read by primary key takes tens of microseconds, less than a hop
   to a thread, so `get`, `peek` and `recent` read on the loop from their own connection
   (WAL readers never wait for the writer).
-- **A commit-ordered sequence.** Every write transaction takes the next value of a counter
-  in `meta` and stamps it (`seq`) on each row it writes, with `writer` = the owner id that
+- **A commit-ordered sequence.** Every write transaction stamps each row it writes with
+  `seq` = one more than the highest `seq` in the table, and `writer` = the owner id that
   wrote it. Transactions are serialised by the write lock, so `seq` order is commit order
   and "rows with `seq` above what I have seen" is a complete change feed (a row rewritten
-  twice shows its latest state, which is all a reader needs).
+  twice shows its latest state, which is all a reader needs). The highest `seq` is read
+  from its index, not counted in a row every transaction would rewrite (one page less per
+  commit); `expire`, the only code that deletes rows, first keeps it in `meta`, so the
+  sequence never goes back.
 - **Change feed.** Each store checks `PRAGMA data_version` every `poll_interval` (it changes
   when another connection commits) and then publishes the new rows other owners wrote. A
   wake-up hint makes that sub-millisecond: each store binds a unix datagram socket named by
@@ -126,6 +129,17 @@ CREATE TABLE IF NOT EXISTS schedules (
 ) WITHOUT ROWID;
 """
 
+# The feed's sequence: one more than the highest `seq` written, read (two index lookups)
+# rather than counted in a row every transaction would write. Rows go only through
+# `expire`, which first keeps the highest seq in `meta`, so the sequence never goes back.
+_NEXT_SEQ = (
+    "SELECT max(coalesce((SELECT max(seq) FROM tasks), 0),"
+    " (SELECT value FROM meta WHERE key = 'seq')) + 1"
+)
+_KEEP_SEQ = (
+    "UPDATE meta SET value = max(value, coalesce((SELECT max(seq) FROM tasks), 0))"
+    " WHERE key = 'seq'"
+)
 _OWN_LIMIT = 100_000  # own unfinished tasks remembered (beyond it, writes read rows back)
 _FINAL = tuple(s.value for s in FINAL_STATUSES)
 _WAITING = tuple(s.value for s in WAITING_STATUSES)
@@ -356,7 +370,7 @@ class SQLiteStore:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (self.owner, self._host, self._pid, self._started, now, now + self.lease),
             )
-            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            seq = int(conn.execute(_NEXT_SEQ).fetchone()[0]) - 1
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -371,9 +385,7 @@ class SQLiteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                (seq,) = conn.execute(
-                    "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value"
-                ).fetchone()
+                (seq,) = conn.execute(_NEXT_SEQ).fetchone()
                 pending = self._coalesce(ops) if len(ops) > 1 else [(ops[0][0], [ops[0][1]])]
                 if len(pending) == 1:  # alone in its transaction: no savepoint needed
                     ((op, futures),) = pending
@@ -497,9 +509,12 @@ class SQLiteStore:
     def _update_op(
         self, task_id: str, expect_owner: str | None, expect_attempts: int, changes: dict[str, Any]
     ) -> Op:
-        sql, params = self._prepare(changes)
+        self._check_keys(changes)  # a bad field fails the caller, not the writer thread
 
         def op(conn: sqlite3.Connection, seq: int) -> tuple[TaskRecord | None, Sequence[Any]]:
+            # Prepared here, in the writer: a write merged with the next one (`_coalesce`)
+            # is then prepared once, and its parts never.
+            sql, params = self._prepare(changes)
             record = self._cas(
                 conn, seq, sql, params, task_id, expect_owner, expect_attempts, changes=changes
             )
@@ -559,9 +574,9 @@ class SQLiteStore:
             dumps(data),
         )
 
-    def _prepare(self, changes: dict[str, Any]) -> tuple[str, list[Any]]:
-        """The SET clause and its parameters for `changes`; the statement text is cached
-        per set of keys (the scheduler writes a few shapes over and over)."""
+    def _check_keys(self, changes: dict[str, Any]) -> str:
+        """The SET clause for the keys of `changes` (cached: the scheduler writes a few
+        shapes over and over); ValueError for a key that is not a record field."""
         keys = tuple(changes)
         sql = self._update_sql.get(keys)
         if sql is None:  # a new shape: check its keys once
@@ -569,6 +584,11 @@ class SQLiteStore:
             if unknown:
                 raise ValueError(f"not task record fields: {sorted(unknown)}")
             sql = self._update_sql[keys] = _set_clause(keys)
+        return sql
+
+    def _prepare(self, changes: dict[str, Any]) -> tuple[str, list[Any]]:
+        """The SET clause and its parameters for `changes`."""
+        sql = self._check_keys(changes)
         params: list[Any] = [_field_json(key, value) for key, value in changes.items()]
         for key, value in changes.items():
             if key in _COLUMNS:
@@ -599,15 +619,22 @@ class SQLiteStore:
             statement = self._cas_sql[shape] = (
                 f"UPDATE tasks SET {sql}, seq = ?, writer = ?"
                 f" WHERE id = ? AND owner IS ? AND attempts = ?{extra}"
-                f" RETURNING {'1' if base is not None else 'data'}"
+                + ("" if base is not None else " RETURNING data")
             )
-        row = conn.execute(
+        cursor = conn.execute(
             statement, (*params, seq, self.owner, task_id, expect_owner, expect_attempts)
-        ).fetchone()
-        if row is None:
-            self._own.pop(task_id, None)
-            return None
-        record = _decode(row[0]) if base is None else evolve(base, changes)  # type: ignore[arg-type]
+        )
+        if base is not None:  # the new record is made here: the row count says it matched
+            if cursor.rowcount != 1:
+                self._own.pop(task_id, None)
+                return None
+            record = evolve(base, changes)  # type: ignore[arg-type]
+        else:
+            row = cursor.fetchone()
+            if row is None:
+                self._own.pop(task_id, None)
+                return None
+            record = _decode(row[0])
         if record.owner != self.owner or record.status in FINAL_STATUSES:
             self._own.pop(task_id, None)
         elif task_id in self._own:
@@ -812,6 +839,7 @@ class SQLiteStore:
         ttl, keep = self.result_ttl, self.max_results
 
         def op(conn: sqlite3.Connection, seq: int) -> tuple[int, Sequence[Any]]:
+            conn.execute(_KEEP_SEQ)  # the deleted rows may hold the highest seq: keep it
             gone = conn.execute(
                 f"DELETE FROM tasks WHERE status IN ({_FINAL_SQL}) AND delivery_open = 0"
                 " AND completed_at <= ?",

@@ -125,9 +125,32 @@ async def test_schema_version_and_sequence_are_recorded(tmp_path: Path) -> None:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         assert meta["schema_version"] == SCHEMA_VERSION
         seq, writer = conn.execute("SELECT seq, writer FROM tasks").fetchone()
-        assert 0 < seq <= meta["seq"] and writer == a.store.owner
+        assert seq > 0 and writer == a.store.owner
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT count(*) FROM owners").fetchone()[0] == 0  # unregistered
+
+
+async def test_the_sequence_never_goes_back_when_rows_expire(tmp_path: Path) -> None:
+    # The feed reads rows by `seq`: a write after the rows with the highest seq expired
+    # (and after a restart) must still get a higher one, or readers would never see it.
+    path = tmp_path / "tasks.db"
+
+    def seqs() -> list[int]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return [row[0] for row in conn.execute("SELECT seq FROM tasks ORDER BY seq")]
+
+    async with opened(SQLiteStore(path), max_results=0) as a:
+        first = make_record(owner=a.store.owner)
+        await a.store.insert([first])
+        await a.store.update(first.id, a.store.owner, 0, status=TaskStatus.SUCCESS, result=1)
+        (highest,) = seqs()
+        assert await a.store.expire() == 1 and seqs() == []
+        await a.store.insert([make_record(owner=a.store.owner)])
+        (after_expiry,) = seqs()
+        assert after_expiry > highest
+    async with opened(SQLiteStore(path)) as b:
+        await b.store.insert([make_record(owner=b.store.owner)])
+        assert seqs()[-1] > after_expiry
 
 
 async def test_failed_writes_raise_to_the_caller(tmp_path: Path) -> None:
