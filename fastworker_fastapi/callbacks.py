@@ -26,6 +26,7 @@ start with a durable store, and is recorded as failed with the memory store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.to_thread
 import httpx
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.dependencies.models import Dependant
@@ -660,11 +662,11 @@ class CallbackDispatcher:
         self._drained = anyio.Event()
         self._stopped = anyio.Event()
         self._scope = anyio.CancelScope()
-        limits = httpx.Limits(max_connections=settings.concurrency)
         headers = {"user-agent": _USER_AGENT}
-        self._webhooks = httpx.AsyncClient(
-            timeout=settings.timeout, follow_redirects=False, limits=limits, headers=headers
-        )
+        # Made at the first webhook (in a thread): its TLS context costs tens of
+        # milliseconds, which every start would pay, and most apps send no webhooks.
+        self._webhooks: httpx.AsyncClient | None = None
+        self._webhooks_lock = anyio.Lock()
         self._sockets: set[Any] = set()  # tcp:// sends in flight, closed when time is up
         self._app_key = secrets.token_bytes(32)  # a new one each start
         self._in_app: httpx.AsyncClient | None = None
@@ -714,7 +716,9 @@ class CallbackDispatcher:
                 )
         self._send.close()
         self._receive.close()
-        await self._webhooks.aclose()
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
+            self._webhooks = None
         if self._in_app is not None:
             await self._in_app.aclose()
 
@@ -813,13 +817,29 @@ class CallbackDispatcher:
             await self._set(job, state="delivered", delivered_at=utcnow(), last_error=None)
             self._finish(job)
 
+    async def _webhook_client(self) -> httpx.AsyncClient:
+        async with self._webhooks_lock:  # concurrent first deliveries make one client
+            if self._webhooks is None:
+                settings = self.settings
+                self._webhooks = await anyio.to_thread.run_sync(
+                    functools.partial(
+                        httpx.AsyncClient,
+                        timeout=settings.timeout,
+                        follow_redirects=False,
+                        limits=httpx.Limits(max_connections=settings.concurrency),
+                        headers={"user-agent": _USER_AGENT},
+                    )
+                )
+            return self._webhooks
+
     async def _post(self, job: _Job, timeout: float) -> None:
         key: bytes | None = self._webhook_key
-        client: httpx.AsyncClient | None = self._webhooks
         target = job.address
         if job.kind == "app":
             client, key = self._in_app, self._app_key
             target = _app_target(_app_url(job.address))
+        else:
+            client = self._webhooks or await self._webhook_client()
         assert client is not None and key is not None
         headers = sign_callback(
             key, job.body, delivery_id=job.id, target=target, attempt=job.delivery.attempts
