@@ -28,20 +28,34 @@ current_run: ContextVar[_Run | None] = ContextVar("fastworker_fastapi_run", defa
 """The run of the task executing in this context (set by the scheduler's worker loop)."""
 
 _running: weakref.WeakSet[TaskClient] = weakref.WeakSet()
+# The client when exactly one is registered: `resolve_client` then skips walking the
+# WeakSet (Python code) on every handle's `.delay()` outside a request that bound one.
+_sole: weakref.ref[TaskClient] | None = None
 
 
 def mark_running(client: TaskClient) -> None:
     _running.add(client)
+    _resole()
 
 
 def mark_stopped(client: TaskClient) -> None:
     _running.discard(client)
+    _resole()
+
+
+def _resole() -> None:
+    global _sole
+    clients = list(_running)
+    _sole = weakref.ref(clients[0]) if len(clients) == 1 else None
 
 
 def resolve_client() -> TaskClient:
     client = current_client.get()
     if client is not None and client.running:
         return client
+    sole = _sole() if _sole is not None else None
+    if sole is not None and sole.running:
+        return sole
     running = [c for c in _running if c.running]
     if len(running) == 1:
         return running[0]

@@ -191,6 +191,8 @@ class BackgroundTask[**P, R]:
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Submit the task and return its id at once."""
+        if not kwargs:  # the client's own `delay`, whose keywords are options: none here
+            return await resolve_client().delay(self.name, *args)
         return await TaskCall(self, _DEFAULT_OPTIONS).delay(*args, **kwargs)
 
     async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskResult:

@@ -232,6 +232,11 @@ async def test_handle_outside_any_app_explains_itself() -> None:
         task_id = await ext_square.options(client=fw_b.client).delay(4)
         assert (await fw_b.client.wait(task_id)).result == 16
         assert fw_a.client.get_result(task_id) is None
+    async with serve(app_b):  # the only one running now: found without being named
+        task_id = await ext_square.delay(3)
+        assert (await fw_b.client.wait(task_id)).result == 9
+    with pytest.raises(NotRunningError, match="No running FastWorker"):
+        await ext_square.delay(2)  # stopped: not found any more
 
 
 async def test_run_without_an_app_and_not_twice() -> None:

@@ -25,6 +25,11 @@ def tk_greet(name: str, punctuation: str = "!") -> str:
     return f"hello {name}{punctuation}"
 
 
+@background_task
+async def tk_named_like_options(priority: str, countdown: int = 0) -> str:
+    return f"{priority}/{countdown}"
+
+
 @background_task(name="tk.report", priority="low", timeout=5, max_retries=2, retry_delay=0.5)
 async def tk_report(report_id: int) -> dict[str, int]:
     return {"report": report_id}
@@ -79,6 +84,11 @@ async def test_handle_delay_submit_and_options() -> None:
     async with serve(app):
         task_id = await tk_greet.delay("bob")
         assert (await fw.client.wait(task_id)).result == "hello bob!"
+        # A handle's keywords are the task's own, even named like the client's options.
+        task_id = await tk_named_like_options.delay(priority="mine", countdown=3)
+        assert (await fw.client.wait(task_id)).result == "mine/3"
+        task_id = await tk_named_like_options.delay("positional")
+        assert (await fw.client.wait(task_id)).result == "positional/0"
         result = await tk_report.submit(7)
         assert result.result == {"report": 7}
         info = await fw.client.get_info(result.task_id)
