@@ -9,6 +9,7 @@ C-level slice assignments (one per character position), so one id costs a list p
 from __future__ import annotations
 
 import os
+import weakref
 
 __all__ = ["TaskIds"]
 
@@ -30,6 +31,7 @@ class TaskIds:
         self.pool: list[str] = []
         """Fresh ids, never replaced: a hot path may pop one itself while it is not empty
         (`pool.pop() if pool else ids.next()`), a call less than `next()`."""
+        _pools.add(self)
 
     def next(self) -> str:
         pool = self.pool
@@ -50,3 +52,17 @@ def _make(count: int) -> list[str]:
     for k, position in enumerate(_DIGITS):  # digit k is nibble k % 2 of byte k // 2
         out[position::_STRIDE] = digits[k & 1][k >> 1 :: 16]
     return out.decode("ascii").split()
+
+
+# A forked child (gunicorn --preload, multiprocessing) starts with a copy of its parent's
+# pools: both would hand out the same ids. The child empties its copies at once.
+_pools: weakref.WeakSet[TaskIds] = weakref.WeakSet()
+
+
+def _forget_pools() -> None:
+    for ids in tuple(_pools):
+        ids.pool.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pools)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 
 from fastworker_fastapi._ids import TaskIds
@@ -23,3 +25,22 @@ def test_every_hex_digit_position_varies() -> None:
     fixed = {i for i in range(36) if len({d[i] for d in drawn}) == 1}
     assert fixed == {8, 13, 14, 18, 23}  # the dashes and the version digit
     assert {d[19] for d in drawn} <= set("89ab")
+
+
+CHILD = """
+import os, sys
+from fastworker_fastapi._ids import TaskIds
+ids = TaskIds()
+ids.next()  # the pool is full of ids when the process forks
+pid = os.fork()
+print(ids.next(), flush=True)
+if pid:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_never_repeats_its_parents_ids() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    assert len(out) == 2 and out[0] != out[1]
