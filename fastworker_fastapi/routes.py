@@ -2,10 +2,13 @@
 
 Each extension builds its own router bound to its own client, so two apps never share state;
 the router knows the client and its settings, not the extension. Every route reads the store,
-so any process of the app answers for tasks submitted in any other. Fixed paths
-(`/tasks/events`, `/tasks/dashboard`, ...) are added before the id routes, and the id routes
-match only UUIDs (`{task_id:uuid}`), so `DELETE /tasks/events` is a 405 and
-`/tasks/not-an-id` a 404. Routes the app declares itself for the same path and method take
+so any process of the app answers for tasks submitted in any other. The id routes match
+only UUIDs (`{task_id:uuid}`), so they never take a fixed path (`/tasks/events`,
+`/tasks/dashboard`, ...): `DELETE /tasks/events` is a 405 and `/tasks/not-an-id` a 404.
+They come first, after the list: a status poll is the request these routes get most, and
+FastAPI tries routes one by one at a few microseconds each. These routes take their client
+from the router, not from a dependency (FastAPI spends more than ten microseconds a request
+on any dependency). Routes the app declares itself for the same path and method take
 precedence over these (see `_yielding`).
 """
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.params import Depends as DependsParam
 from fastapi.routing import APIRoute
 from fastworker.tasks.models import TaskStatus
@@ -91,11 +94,10 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
         return client
 
     async def started() -> TaskClient:
-        """`running()` as a dependency. An `async def`: FastAPI runs a plain `def`
-        dependency in its thread pool, a hop on every status request."""
+        """`running()` as a dependency (the schedule routes'). An `async def`: FastAPI runs
+        a plain `def` dependency in its thread pool, a hop on every request."""
         return running()
 
-    Client = Annotated[TaskClient, Depends(started)]
     router = _StatusRouter(
         prefix=settings.prefix,
         dependencies=list(settings.dependencies),
@@ -113,24 +115,15 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
         responses={503: _ERRORS[503]},
     )
     async def list_tasks(
-        client: Client,
         status: Annotated[TaskStatus | None, Query(description="Only this status.")] = None,
         name: Annotated[str | None, Query(description="Only tasks with this name.")] = None,
         limit: Annotated[int, Query(ge=1, le=500, description="At most this many.")] = 50,
     ) -> Response:
         """Recent tasks of every process, newest first (finished ones are kept up to
         `result_ttl`)."""
-        records = await client.store.recent(limit=limit, status=status, name=name)
+        records = await running().store.recent(limit=limit, status=status, name=name)
         body = ",".join(task_json(record) for record in records)
         return _JSON(f'{{"tasks":[{body}],"count":{len(records)}}}')
-
-    add_event_routes(
-        router, running, heartbeat=settings.event_heartbeat, max_buffer=settings.event_buffer
-    )
-    if settings.dashboard:
-        add_dashboard_route(router)
-    if settings.schedules is not None:
-        add_schedule_routes(router, started, settings.schedules, _ERRORS)
 
     @router.get(
         "/{task_id:uuid}",
@@ -139,9 +132,9 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
         summary="Get a task's status",
         responses=_ERRORS,
     )
-    async def get_task(task_id: TaskId, client: Client) -> Response:
+    async def get_task(task_id: TaskId) -> Response:
         """The task's status, attempts, timings, result or error, progress and callback."""
-        record = await client.store.get(str(task_id))
+        record = await running().store.get(str(task_id))
         if record is None:
             raise TaskNotFoundError(f"no task with id {task_id} (unknown or expired)")
         return _JSON(task_json(record))
@@ -156,11 +149,19 @@ def build_router(client: TaskClient, settings: RouteSettings) -> APIRouter:
             409: {"model": ErrorDetail, "description": "The task already finished."},
         },
     )
-    async def cancel_task(task_id: TaskId, client: Client) -> Response:
+    async def cancel_task(task_id: TaskId) -> Response:
         """Cancel a queued, scheduled or running task, in whichever process runs it; 409
         once it has finished. Answers with the task's state once it is final (or, when
         another process runs it, after at most ~2 s with `status` as it then stands)."""
-        record = await client.scheduler.cancel(str(task_id))
+        record = await running().scheduler.cancel(str(task_id))
         return _JSON(task_json(record))
+
+    add_event_routes(
+        router, running, heartbeat=settings.event_heartbeat, max_buffer=settings.event_buffer
+    )
+    if settings.dashboard:
+        add_dashboard_route(router)
+    if settings.schedules is not None:
+        add_schedule_routes(router, started, settings.schedules, _ERRORS)
 
     return router

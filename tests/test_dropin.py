@@ -117,6 +117,20 @@ async def test_precedence_on_a_plain_starlette_app() -> None:
         assert (await http.get(f"/tasks/{task_id}")).json()["status"] == "scheduled"
 
 
+async def test_an_app_route_added_after_the_first_request_still_wins() -> None:
+    # The status routes keep the list of the app's own routes, made anew when it grows.
+    async def mine(request: Request) -> JSONResponse:
+        return JSONResponse({"mine": request.path_params["task_id"]})
+
+    app = Starlette()
+    fw = FastWorker(app)
+    async with serve(app) as http:
+        task_id = await fw.delay("dr_double", 1, countdown=3600)
+        assert (await http.get(f"/tasks/{task_id}")).json()["status"] == "scheduled"
+        app.router.routes.append(Route("/tasks/{task_id}", mine, methods=["GET"]))
+        assert (await http.get(f"/tasks/{task_id}")).json() == {"mine": task_id}
+
+
 async def test_the_start_up_line_names_mode_workers_store_and_routes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
