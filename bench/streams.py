@@ -7,8 +7,8 @@ HTTP clients of `GET /tasks/events` in another process, on the other core
 (`bench/_stream_clients.py`): 150 read as fast as they can, 50 stop reading after their
 first bytes. Every reading stream must see every task succeed.
 
-Rounds interleave the variants (none; 150 reading and 50 stalled; 200 stalled), each on a
-fresh server and store; the figures are medians.
+Rounds interleave the variants (none; 150 reading and 50 stalled; 200 stalled), in reverse
+order every other round, each on a fresh server and store; the figures are medians.
 """
 
 from __future__ import annotations
@@ -72,12 +72,16 @@ def run() -> tuple[list[str], list[tuple[str, float, str, bool]]]:
     mixed: list[float] = []
     stalled: list[float] = []
     complete = True
-    for _ in range(ROUNDS):
-        none.append(measure(N, 0, 0)[0])
-        rate, ok = measure(N, 150, 50)
-        mixed.append(rate)
-        complete = complete and ok
-        stalled.append(measure(N, 0, 200)[0])
+    for round_ in range(ROUNDS):  # the order reversed every other round, as elsewhere
+        for variant in ("none", "mixed", "stalled")[:: 1 if round_ % 2 == 0 else -1]:
+            if variant == "none":
+                none.append(measure(N, 0, 0)[0])
+            elif variant == "mixed":
+                rate, ok = measure(N, 150, 50)
+                mixed.append(rate)
+                complete = complete and ok
+            else:
+                stalled.append(measure(N, 0, 200)[0])
     a, b, c = (statistics.median(x) for x in (none, mixed, stalled))
     print(
         "streams rounds:",
