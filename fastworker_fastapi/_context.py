@@ -35,15 +35,15 @@ _sole: weakref.ref[TaskClient] | None = None
 
 def mark_running(client: TaskClient) -> None:
     _running.add(client)
-    _resole()
+    _find_sole()
 
 
 def mark_stopped(client: TaskClient) -> None:
     _running.discard(client)
-    _resole()
+    _find_sole()
 
 
-def _resole() -> None:
+def _find_sole() -> None:
     global _sole
     clients = list(_running)
     _sole = weakref.ref(clients[0]) if len(clients) == 1 else None

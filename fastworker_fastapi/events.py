@@ -384,8 +384,9 @@ class EventHub:
             self._log_change(record)
 
     def publish_final(self, record: TaskRecord) -> None:
-        """`publish` of a record known to be final and written here: the memory store's hot
-        path (one per task) calls it directly."""
+        """`publish` of a record known to be final, after the remote listeners: `publish`
+        ends here for every final record, and the memory store's hot path (one call per
+        task) calls it directly."""
         if self._waiters:
             for future in self._waiters.pop(record.id, ()):
                 if not future.done():
