@@ -27,7 +27,7 @@ from fastworker_fastapi import (
     background_task,
 )
 from fastworker_fastapi.records import TaskPolicy, TaskRecord
-from tests.conftest import serve
+from tests.conftest import eventually, serve
 
 GATE: dict[str, anyio.Event] = {}
 
@@ -246,6 +246,10 @@ async def test_wait_after_a_task_finished_answers_from_the_hub_with_a_durable_st
         )
         for one in batch:  # (these may read the store)
             await fw.client.wait(one, timeout=30)
+        # A final row can be read before this process has published its change: wait for
+        # the hub to have seen every one.
+        seen = [task_id, *batch]
+        await eventually(lambda: all(fw.client.events.recent_final(one) for one in seen))
 
         def no_query(task_id: str) -> None:
             raise AssertionError("wait() read the store for a task it saw finish")
