@@ -4,8 +4,9 @@ The status routes are added when `FastWorker(app)` runs, so before the app's own
 app written for fastworker's glue often has routes of its own under `/tasks` (say
 `GET /tasks/{task_id}` answering in its own format); those must keep working when the
 import is swapped to ours. So a status route that fully matches a request gives way when a
-route declared on the app itself (not in an included router or a mount) fully matches it
-too.
+route declared on the app itself (not in an included router or a mount) under the same
+prefix fully matches it too. A route elsewhere that happens to match (a catch-all
+`/{path:path}` serving a single-page app) does not take the status routes' place.
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ def yielding_route_class(app_router: Router, prefix: str = "") -> type[APIRoute]
     cannot make it refuse a path it should match): every request to the app's other routes
     asks these routes first.
     """
-    # The app's own plain routes, listed anew when its list of routes grows (routes are
-    # added, in practice never removed).
+    # The app's own plain routes under `prefix`, listed anew when its list of routes grows
+    # (routes are added, in practice never removed).
     own: list[Route] = []
     listed = [-1]  # how many routes the app had when `own` was made
 
     def own_routes() -> list[Route]:
         routes = app_router.routes
         if len(routes) != listed[0]:
-            own[:] = [r for r in routes if isinstance(r, Route) and not isinstance(r, StatusRoute)]
+            own[:] = [
+                route
+                for route in routes
+                if isinstance(route, Route)
+                and not isinstance(route, StatusRoute)
+                and route.path.startswith(prefix)
+            ]
             listed[0] = len(routes)
         return own
 

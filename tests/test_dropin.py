@@ -117,6 +117,20 @@ async def test_precedence_on_a_plain_starlette_app() -> None:
         assert (await http.get(f"/tasks/{task_id}")).json()["status"] == "scheduled"
 
 
+async def test_a_catch_all_route_of_the_app_leaves_the_status_routes_in_place() -> None:
+    app = FastAPI()
+    fw = FastWorker(app)
+
+    @app.get("/{full_path:path}")
+    async def spa(full_path: str) -> dict[str, str]:
+        return {"page": full_path}
+
+    async with serve(app) as http:
+        task_id = await fw.delay("dr_double", 1, countdown=3600)
+        assert (await http.get(f"/tasks/{task_id}")).json()["status"] == "scheduled"
+        assert (await http.get("/about")).json() == {"page": "about"}
+
+
 async def test_an_app_route_added_after_the_first_request_still_wins() -> None:
     # The status routes keep the list of the app's own routes, made anew when it grows.
     async def mine(request: Request) -> JSONResponse:
