@@ -33,14 +33,15 @@ from fastworker_fastapi._ids import TaskIds
 ids = TaskIds()
 ids.next()  # the pool is full of ids when the process forks
 pid = os.fork()
-print(ids.next(), flush=True)
+os.write(1, (ids.next() + "\\n").encode())  # one write each: the two lines never mix
 if pid:
     os.waitpid(pid, 0)
 """
 
 
 def test_a_forked_child_never_repeats_its_parents_ids() -> None:
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, timeout=30
-    ).stdout.split()
-    assert len(out) == 2 and out[0] != out[1]
+    )
+    out = done.stdout.split()
+    assert len(out) == 2 and out[0] != out[1], (done.stdout, done.stderr)
