@@ -95,13 +95,18 @@ async def test_the_apps_own_routes_win_over_the_status_routes() -> None:
     async def mine(task_id: str) -> dict[str, str]:
         return {"mine": task_id}
 
+    @app.get("/{full_path:path}")  # a single-page app's catch-all: not under the prefix
+    async def spa(full_path: str) -> dict[str, str]:
+        return {"page": full_path}
+
     async with serve(app) as http:
         task_id = await fw.delay("dr_double", 1)
         assert (await http.get(f"/tasks/{task_id}")).json() == {"mine": task_id}
-        # Other methods and the fixed paths are still the extension's.
+        # Other methods and the fixed paths are still the extension's, catch-all or not.
         assert (await http.delete(f"/tasks/{task_id}")).status_code in (200, 409)
         assert (await http.get("/tasks")).json()["count"] == 1
         assert (await http.get(f"/tasks/{task_id}/events")).status_code == 200
+        assert (await http.get("/about")).json() == {"page": "about"}
 
 
 async def test_precedence_on_a_plain_starlette_app() -> None:
@@ -115,20 +120,6 @@ async def test_precedence_on_a_plain_starlette_app() -> None:
         task_id = await fw.delay("dr_double", 1, countdown=3600)
         assert (await http.delete(f"/tasks/{task_id}")).json() == {"mine": task_id}
         assert (await http.get(f"/tasks/{task_id}")).json()["status"] == "scheduled"
-
-
-async def test_a_catch_all_route_of_the_app_leaves_the_status_routes_in_place() -> None:
-    app = FastAPI()
-    fw = FastWorker(app)
-
-    @app.get("/{full_path:path}")
-    async def spa(full_path: str) -> dict[str, str]:
-        return {"page": full_path}
-
-    async with serve(app) as http:
-        task_id = await fw.delay("dr_double", 1, countdown=3600)
-        assert (await http.get(f"/tasks/{task_id}")).json()["status"] == "scheduled"
-        assert (await http.get("/about")).json() == {"page": "about"}
 
 
 async def test_an_app_route_added_after_the_first_request_still_wins() -> None:
