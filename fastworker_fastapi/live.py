@@ -229,19 +229,19 @@ def add_event_routes(
         """Every task change from now on, in every process, optionally filtered; never ends
         by itself."""
         client = running_client()
+        # Unfiltered streams take no filter: they share the text they send (see
+        # `Subscription.drain_text`).
+        accept: RecordFilter | None = None
+        if status is not None or name is not None:
 
-        def accept(record: TaskRecord) -> bool:
-            return (status is None or record.status is status) and (
-                name is None or record.name == name
-            )
+            def matches(record: TaskRecord) -> bool:
+                return (status is None or record.status is status) and (
+                    name is None or record.name == name
+                )
 
-        body = task_events(
-            client.events,
-            max_buffer=max_buffer,
-            heartbeat=heartbeat,
-            # Unfiltered streams share the text they send (see `Subscription.drain_text`).
-            accept=None if status is None and name is None else accept,
-        )
+            accept = matches
+
+        body = task_events(client.events, max_buffer=max_buffer, heartbeat=heartbeat, accept=accept)
         return EventStreamResponse(_encoded(body, memo), headers=_HEADERS)
 
     @router.get(
