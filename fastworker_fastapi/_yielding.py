@@ -29,11 +29,12 @@ def yielding_route_class(app_router: Router, prefix: str = "") -> type[APIRoute]
     # The app's own plain routes under `prefix`, listed anew when its list of routes grows
     # (routes are added, in practice never removed).
     own: list[Route] = []
-    listed = [-1]  # how many routes the app had when `own` was made
+    listed = -1  # how many routes the app had when `own` was made
 
     def own_routes() -> list[Route]:
+        nonlocal listed
         routes = app_router.routes
-        if len(routes) != listed[0]:
+        if len(routes) != listed:
             own[:] = [
                 route
                 for route in routes
@@ -41,7 +42,7 @@ def yielding_route_class(app_router: Router, prefix: str = "") -> type[APIRoute]
                 and not isinstance(route, StatusRoute)
                 and route.path.startswith(prefix)
             ]
-            listed[0] = len(routes)
+            listed = len(routes)
         return own
 
     class StatusRoute(APIRoute):
