@@ -3,24 +3,27 @@
 Records live in a dict, newest last. The store owns its record objects and is the only code
 that changes them (`update` applies the changes in place: a submission creates one object and
 nothing copies it, which keeps the in-process hot path at a few microseconds). Finished ids
-and their monotonic finish times sit in two deques, oldest first, so retention by age
-(`result_ttl`) and by count (`max_results`) is a pop from the left.
+sit in a deque, oldest first, so retention by count (`max_results`) and by age (`result_ttl`,
+counted from a task's `completed_at`, on the wall clock as in the durable stores) is a pop
+from the left. Age is enforced by one loop timer, due when the oldest finished task expires:
+finishing a task and reading one take no clock reading for retention (on the in-process hot
+path, two clock readings cost as much as a tenth of a task).
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from fastworker.tasks.models import TaskStatus
 
 from fastworker_fastapi.errors import TaskAlreadyFinishedError, TaskNotFoundError
-from fastworker_fastapi.records import FINAL_STATUSES, FINAL_VALUES, TaskRecord
+from fastworker_fastapi.records import FINAL_STATUSES, FINAL_VALUES, TaskRecord, utcnow
 from fastworker_fastapi.stores.base import ScheduleState, cancelled_changes
 
 if TYPE_CHECKING:
@@ -45,10 +48,14 @@ class MemoryStore:
         self._publish_final: Callable[[TaskRecord], None] = _not_open
         self._hub: EventHub | _NotOpen = _NOT_OPEN
         self._records: dict[str, TaskRecord] = {}
-        # Two deques rather than one of tuples: no object per task for the GC to walk.
-        self._finished: deque[str] = deque()
-        self._finished_at: deque[float] = deque()
+        self.peek: Callable[[str], TaskRecord | None] = self._records.get
+        """The record of a task, or None; a C call, no Python frame (`wait()` makes one per
+        task). Expired records are gone already: the expiry timer drops them."""
+        self._finished: deque[str] = deque()  # finished ids, oldest first
+        self._finished_now: dict[str, datetime] = {}  # finish times of finals without one
         self._kept: set[str] = set()  # due to expire, kept until their callback is delivered
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._schedules: dict[str, ScheduleState] = {}
 
     def __len__(self) -> int:
@@ -62,9 +69,14 @@ class MemoryStore:
         self._hub = hub
         self.result_ttl = result_ttl
         self.max_results = max_results
+        self._loop = asyncio.get_running_loop()
+        self._arm()
 
     async def close(self) -> None:
-        return None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop = None
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -166,23 +178,24 @@ class MemoryStore:
         record.status = _SUCCESS
         record.result = result
         record.completed_at = completed_at
-        now = time.monotonic()  # `_finish`, inline: once per task
-        finished_at = self._finished_at
-        self._finished.append(task_id)
-        finished_at.append(now)
-        if len(finished_at) > self.max_results or finished_at[0] <= now - self.result_ttl:
+        finished = self._finished  # `_finish`, inline: once per task
+        finished.append(task_id)
+        if len(finished) > self.max_results:
             self._expire()
+        if self._timer is None:
+            self._arm()
         self._publish_final(record)
         return record
 
     def _finish(self, record: TaskRecord) -> None:
-        """Start a finished task's expiry clock; keep the count bound."""
-        now = time.monotonic()
-        finished_at = self._finished_at
+        """Queue a finished task for expiry; keep the count bound."""
+        if record.completed_at is None:  # (a final record inserted without a finish time)
+            self._finished_now[record.id] = utcnow()
         self._finished.append(record.id)
-        finished_at.append(now)
-        if len(finished_at) > self.max_results or finished_at[0] <= now - self.result_ttl:
+        if len(self._finished) > self.max_results:
             self._expire()
+        if self._timer is None:
+            self._arm()
 
     async def request_cancel(self, task_id: str) -> TaskRecord:
         record = self.peek(task_id)
@@ -204,12 +217,6 @@ class MemoryStore:
     # -- reads -------------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        return self.peek(task_id)
-
-    def peek(self, task_id: str) -> TaskRecord | None:
-        finished_at = self._finished_at
-        if finished_at and finished_at[0] <= time.monotonic() - self.result_ttl:
-            self._expire()  # (the count bound is kept by _finish)
         return self._records.get(task_id)
 
     async def recent(
@@ -239,13 +246,14 @@ class MemoryStore:
         return self._expire()
 
     def _expire(self) -> int:
-        finished, finished_at = self._finished, self._finished_at
-        deadline = time.monotonic() - self.result_ttl
-        records = self._records
+        finished, records = self._finished, self._records
+        deadline = utcnow() - self._ttl()
         dropped = 0
-        while finished_at and (len(finished_at) > self.max_results or finished_at[0] <= deadline):
-            finished_at.popleft()
+        while finished and (
+            len(finished) > self.max_results or self._finished_time(finished[0]) <= deadline
+        ):
             task_id = finished.popleft()
+            self._finished_now.pop(task_id, None)
             record = records.get(task_id)
             if record is not None and record.delivery is not None and record.delivery.open:
                 self._kept.add(task_id)  # its callback is still to go: expire it after
@@ -253,6 +261,27 @@ class MemoryStore:
             if records.pop(task_id, None) is not None:
                 dropped += 1
         return dropped
+
+    def _finished_time(self, task_id: str) -> datetime:
+        record = self._records.get(task_id)
+        when = self._finished_now.get(task_id) or (record and record.completed_at)
+        return when or _LONG_AGO  # (a record gone already: drop its id)
+
+    def _ttl(self) -> timedelta:
+        return timedelta(seconds=min(self.result_ttl, _TTL_CAP))
+
+    def _arm(self) -> None:
+        """Set the expiry timer for the oldest finished task (none while one is set)."""
+        if self._timer is not None or self._loop is None or not self._finished:
+            return
+        due = self._finished_time(self._finished[0]) + self._ttl()
+        delay = max(0.0, (due - utcnow()).total_seconds())
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._expire()
+        self._arm()
 
     # -- schedules ---------------------------------------------------------------------------
 
@@ -279,6 +308,8 @@ class MemoryStore:
 
 
 _RUNNING, _SUCCESS = TaskStatus.RUNNING, TaskStatus.SUCCESS
+_LONG_AGO = datetime.min.replace(tzinfo=utcnow().tzinfo)
+_TTL_CAP = 1000 * 365 * 86400.0  # "never", within what datetime arithmetic can hold
 
 
 def _not_open(record: TaskRecord) -> None:
