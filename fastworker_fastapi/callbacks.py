@@ -678,7 +678,9 @@ class CallbackDispatcher:
                 base_url=settings.app_base_url,
                 headers=headers,
             )
-        self._remove_listener = hub.add_listener(self._on_change, final_only=True, when="callback")
+        self._remove_listener = hub.add_listener(
+            self._on_change, final_only=True, with_callback=True
+        )
         task_group.start_soon(self._main)
         self._started = True
 

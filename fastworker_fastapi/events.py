@@ -214,7 +214,8 @@ class EventHub:
     def __init__(self, *, log_max: int = _LOG_MAX, keep_finals: int = 0) -> None:
         self._listeners: list[Listener] = []
         self._remote_listeners: list[Listener] = []
-        self._final_listeners: list[tuple[Listener, str | None]] = []
+        self._final_listeners: list[Listener] = []
+        self._callback_listeners: list[Listener] = []  # final records with a callback only
         self._subscriptions: set[Subscription] = set()
         # The change log the subscriptions read (kept only while there are any).
         self._log: dict[str, tuple[int, Change]] = {}  # task id -> (seq, latest change)
@@ -222,7 +223,8 @@ class EventHub:
         self._floor = 0  # the newest seq dropped from the log's start
         self._log_max = log_max
         self._readers: list[asyncio.Future[None]] = []  # subscriptions waiting for a change
-        self._waiters: dict[str, list[asyncio.Future[TaskRecord]]] = {}
+        self.waiters: dict[str, list[asyncio.Future[TaskRecord]]] = {}
+        """Task ids someone awaits the final record of (`final_waiter`); read-only outside."""
         self._closed: str | None = None  # why subscriptions were ended for good
         # The last text `Subscription.drain_text` made: (from seq, to seq, limit, text).
         self._shared_text: tuple[int, int, int, str] | None = None
@@ -235,35 +237,53 @@ class EventHub:
         """True while someone follows every change (a listener of all changes, or a
         subscription). While it is False a change to a non-final status reaches nobody, so
         a store may skip publishing it: the memory store's hot path does."""
+        self.finals_wanted = bool(keep_finals)
+        """True while every final record is wanted (kept for `recent_final`, or a listener
+        or subscription takes them all). While it is False a final record reaches nobody
+        unless it has a callback or someone waits for its id (`waiters`), so a store may
+        skip publishing it: the memory store's hot path does (the call alone costs about
+        as much as a twentieth of an in-process task)."""
 
     def add_listener(
         self,
         listener: Listener,
         *,
         final_only: bool = False,
-        when: str | None = None,
+        with_callback: bool = False,
         remote_only: bool = False,
     ) -> Callable[[], None]:
         """Call `listener(record)` on every change, or with `final_only` only when a task
-        reaches a final status, and then, with `when`, only if that record attribute is not
-        None (`when="callback"`). Returns a function that removes the listener.
+        reaches a final status, and then, with `with_callback`, only if the task has a
+        callback. Returns a function that removes the listener.
 
-        `when` exists because final listeners run for every task: checking an attribute
-        costs far less than calling a function that returns at once. With `remote_only`,
-        only changes written by other processes (a store's feed) are passed on.
+        `with_callback` exists because final listeners run for every task: testing an
+        attribute costs far less than calling a function that returns at once, and with no
+        other final listener a store may skip publishing (see `finals_wanted`). With
+        `remote_only`, only changes written by other processes (a store's feed) are passed
+        on.
         """
         # Copy on change (rare), so publishing (every task) iterates without copying and a
         # listener may remove itself while it runs.
+        if with_callback:
+            if not final_only:
+                raise ValueError("`with_callback` applies to final_only listeners")
+            self._callback_listeners = [*self._callback_listeners, listener]
+
+            def remove_callback() -> None:
+                self._callback_listeners = [
+                    x for x in self._callback_listeners if x is not listener
+                ]
+
+            return remove_callback
         if final_only:
-            entry = (listener, when)
-            self._final_listeners = [*self._final_listeners, entry]
+            self._final_listeners = [*self._final_listeners, listener]
+            self._rewatch()
 
             def remove() -> None:
-                self._final_listeners = [x for x in self._final_listeners if x is not entry]
+                self._final_listeners = [x for x in self._final_listeners if x is not listener]
+                self._rewatch()
 
             return remove
-        if when is not None:
-            raise ValueError("`when` applies to final_only listeners")
         if remote_only:
             self._remote_listeners = [*self._remote_listeners, listener]
 
@@ -282,6 +302,7 @@ class EventHub:
 
     def _rewatch(self) -> None:
         self.watched = bool(self._listeners or self._subscriptions)
+        self.finals_wanted = bool(self.watched or self._final_listeners or self._keep_finals)
 
     def subscribe(
         self, *, max_buffer: int = 256, accept: RecordFilter | None = None
@@ -297,7 +318,7 @@ class EventHub:
             subscription.ended_by = self._closed
             return subscription
         self._subscriptions.add(subscription)
-        self.watched = True
+        self._rewatch()
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
@@ -347,9 +368,9 @@ class EventHub:
         cannot be missed.
         """
         future: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.get(task_id)
+        waiters = self.waiters.get(task_id)
         if waiters is None:
-            self._waiters[task_id] = [future]
+            self.waiters[task_id] = [future]
         else:
             waiters.append(future)
         return future
@@ -363,11 +384,11 @@ class EventHub:
     def forget_waiter(self, task_id: str, future: asyncio.Future[TaskRecord]) -> None:
         """Stop waiting (a timeout, a cancelled wait): nothing is kept for `task_id`."""
         future.cancel()
-        waiters = self._waiters.get(task_id)
+        waiters = self.waiters.get(task_id)
         if waiters is not None and future in waiters:
             waiters.remove(future)
             if not waiters:
-                del self._waiters[task_id]
+                del self.waiters[task_id]
 
     def publish(self, record: TaskRecord, *, remote: bool = False) -> None:
         """Pass a change on; `remote` when another process wrote it (a store's feed)."""
@@ -387,8 +408,8 @@ class EventHub:
         """`publish` of a record known to be final, after the remote listeners: `publish`
         ends here for every final record, and the memory store's hot path (one call per
         task) calls it directly."""
-        if self._waiters:
-            for future in self._waiters.pop(record.id, ()):
+        if self.waiters:
+            for future in self.waiters.pop(record.id, ()):
                 if not future.done():
                     future.set_result(record)
         if self._keep_finals:
@@ -399,8 +420,10 @@ class EventHub:
         if self._listeners:
             for listener in self._listeners:
                 self._call(listener, record)
-        for listener, when in self._final_listeners:
-            if when is None or getattr(record, when) is not None:
+        for listener in self._final_listeners:
+            self._call(listener, record)
+        if record.callback is not None:
+            for listener in self._callback_listeners:
                 self._call(listener, record)
         if self._subscriptions:
             self._log_change(record)

@@ -17,7 +17,13 @@ from _server import live_server
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastworker.tasks.models import TaskPriority, TaskStatus
 
-from fastworker_fastapi import ConfigurationError, FastWorker, background_task, report_progress
+from fastworker_fastapi import (
+    CallbackSettings,
+    ConfigurationError,
+    FastWorker,
+    background_task,
+    report_progress,
+)
 from fastworker_fastapi.events import EventHub
 from fastworker_fastapi.live import task_events
 from fastworker_fastapi.progress import MAX_MESSAGE_LENGTH
@@ -610,6 +616,59 @@ def test_the_hub_is_watched_only_while_someone_follows_every_change() -> None:
     assert hub.watched
     subscription.close()
     assert not hub.watched
+
+
+def test_final_records_are_wanted_only_while_someone_takes_them_all() -> None:
+    hub = EventHub()
+    assert not hub.finals_wanted
+    hub.add_listener(lambda record: None, final_only=True, with_callback=True)
+    hub.add_listener(lambda record: None, remote_only=True)
+    assert not hub.finals_wanted  # callbacks' listener: only records with a callback
+    remove = hub.add_listener(lambda record: None, final_only=True)
+    assert hub.finals_wanted
+    remove()
+    assert not hub.finals_wanted
+    remove = hub.add_listener(lambda record: None)
+    assert hub.finals_wanted
+    remove()
+    subscription = hub.subscribe()
+    assert hub.finals_wanted
+    subscription.close()
+    assert not hub.finals_wanted
+    assert EventHub(keep_finals=8).finals_wanted  # kept for recent_final
+    with pytest.raises(ValueError, match="final_only"):
+        hub.add_listener(lambda record: None, with_callback=True)
+
+
+async def test_final_records_reach_late_listeners_waiters_and_callbacks_with_the_memory_store() -> (
+    None
+):
+    # The memory store skips publishing a final record nobody wants (EventHub.finals_wanted):
+    # whoever starts wanting them later, waits for one, or set a callback must still get it.
+    fw = FastWorker(store="memory")
+    async with fw.run() as client:
+        hub = client.events
+        first = await client.delay("live_plain")
+        await client.wait(first, 5)
+        finals: list[str] = []
+        hub.add_listener(lambda record: finals.append(record.id), final_only=True)
+        second = await client.delay("live_plain")
+        assert (await client.wait(second, 5)).status is TaskStatus.SUCCESS
+        assert finals == [second]
+    called: list[str] = []
+    no_retry = CallbackSettings(
+        secret="s" * 32, allowed_hosts=("127.0.0.1",), max_attempts=1, timeout=0.1
+    )
+    fw = FastWorker(store="memory", callbacks=no_retry)
+    async with fw.run() as client:
+        client.events.add_listener(
+            lambda record: called.append(record.id), final_only=True, with_callback=True
+        )
+        plain = await client.delay("live_plain")
+        with_callback = await client.delay_with_callback("live_plain", "http://127.0.0.1:9/cb")
+        for task_id in (plain, with_callback):
+            await client.wait(task_id, 5)
+    assert with_callback in called and plain not in called  # (again when its delivery ends)
 
 
 async def test_a_follower_that_arrives_late_sees_every_change_with_the_memory_store() -> None:

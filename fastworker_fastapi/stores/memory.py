@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from fastworker.tasks.models import TaskStatus
@@ -184,7 +185,9 @@ class MemoryStore:
             self._expire()
         if self._timer is None:
             self._arm()
-        self._publish_final(record)
+        hub = self._hub  # publish only if it reaches someone (see EventHub.finals_wanted)
+        if hub.finals_wanted or record.callback is not None or task_id in hub.waiters:
+            self._publish_final(record)
         return record
 
     def _finish(self, record: TaskRecord) -> None:
@@ -320,6 +323,8 @@ class _NotOpen:
     """The hub's place before `open()`: watched, so every write publishes, and fails."""
 
     watched = True
+    finals_wanted = True
+    waiters: Mapping[str, Any] = MappingProxyType({})
 
 
 _NOT_OPEN = _NotOpen()
