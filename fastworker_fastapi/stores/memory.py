@@ -182,7 +182,7 @@ class MemoryStore:
         finished = self._finished  # `_finish`, inline: once per task
         finished.append(task_id)
         if len(finished) > self.max_results:
-            self._expire()
+            self._expire(by_age=False)
         if self._timer is None:
             self._arm()
         hub = self._hub  # publish only if it reaches someone (see EventHub.finals_wanted)
@@ -196,7 +196,7 @@ class MemoryStore:
             self._finished_now[record.id] = utcnow()
         self._finished.append(record.id)
         if len(self._finished) > self.max_results:
-            self._expire()
+            self._expire(by_age=False)
         if self._timer is None:
             self._arm()
 
@@ -248,12 +248,15 @@ class MemoryStore:
     async def expire(self) -> int:
         return self._expire()
 
-    def _expire(self) -> int:
+    def _expire(self, *, by_age: bool = True) -> int:
+        """Drop the oldest finished tasks beyond `max_results` and, `by_age`, those past
+        `result_ttl` (a finish at the count bound drops one, and leaves age to the timer)."""
         finished, records = self._finished, self._records
-        deadline = utcnow() - self._ttl()
+        deadline = utcnow() - self._ttl() if by_age else None
         dropped = 0
         while finished and (
-            len(finished) > self.max_results or self._finished_time(finished[0]) <= deadline
+            len(finished) > self.max_results
+            or (deadline is not None and self._finished_time(finished[0]) <= deadline)
         ):
             task_id = finished.popleft()
             self._finished_now.pop(task_id, None)
