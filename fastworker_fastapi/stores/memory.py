@@ -277,12 +277,20 @@ class MemoryStore:
         return timedelta(seconds=min(self.result_ttl, _TTL_CAP))
 
     def _arm(self) -> None:
-        """Set the expiry timer for the oldest finished task (none while one is set)."""
+        """Set the expiry timer for the oldest finished task (none while one is set).
+
+        It fires no sooner than `_slack()` from now, so results expiring one after another
+        (many tasks a second, a short `result_ttl`) are dropped in batches rather than by a
+        timer each: a result may outlive its `result_ttl` by up to a second.
+        """
         if self._timer is not None or self._loop is None or not self._finished:
             return
         due = self._finished_time(self._finished[0]) + self._ttl()
-        delay = max(0.0, (due - utcnow()).total_seconds())
+        delay = max(self._slack(), (due - utcnow()).total_seconds())
         self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _slack(self) -> float:
+        return min(1.0, self.result_ttl / 10)
 
     def _on_timer(self) -> None:
         self._timer = None

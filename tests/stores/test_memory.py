@@ -47,3 +47,26 @@ async def test_a_huge_ttl_keeps_results_and_close_stops_the_timer() -> None:
         assert store.peek(done.id) is done
         assert store._timer is not None
     assert store._timer is None
+
+
+async def test_results_expiring_one_after_another_are_dropped_in_batches() -> None:
+    store = MemoryStore()
+    fired: list[int] = []
+    on_timer = store._on_timer
+
+    def counted() -> None:
+        fired.append(len(store))
+        on_timer()
+
+    store._on_timer = counted  # type: ignore[method-assign]
+    ttl = 0.5
+    start = utcnow() - timedelta(seconds=ttl)  # due over the next 100 ms, 2 ms apart
+    results = [
+        make_record(status=TaskStatus.SUCCESS, completed_at=start + timedelta(milliseconds=2 * i))
+        for i in range(50)
+    ]
+    async with opened(store, result_ttl=ttl) as a:
+        for record in results:
+            await a.store.insert([record])
+        await eventually(lambda: len(store) == 0, message="results did not expire")
+    assert len(fired) <= 5, fired  # a timer a result would fire about 50 times
