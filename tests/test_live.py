@@ -640,9 +640,7 @@ def test_final_records_are_wanted_only_while_someone_takes_them_all() -> None:
         hub.add_listener(lambda record: None, with_callback=True)
 
 
-async def test_final_records_reach_late_listeners_waiters_and_callbacks_with_the_memory_store() -> (
-    None
-):
+async def test_memory_store_finals_reach_late_listeners_waiters_and_callbacks() -> None:
     # The memory store skips publishing a final record nobody wants (EventHub.finals_wanted):
     # whoever starts wanting them later, waits for one, or set a callback must still get it.
     fw = FastWorker(store="memory")
