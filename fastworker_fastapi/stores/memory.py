@@ -45,8 +45,6 @@ class MemoryStore:
         self.owner = uuid.uuid4().hex
         self.result_ttl = 3600.0
         self.max_results = 10_000
-        self._publish: Callable[[TaskRecord], None] = _not_open
-        self._publish_final: Callable[[TaskRecord], None] = _not_open
         self._hub: EventHub | _NotOpen = _NOT_OPEN
         self._records: dict[str, TaskRecord] = {}
         self.peek: Callable[[str], TaskRecord | None] = self._records.get
@@ -65,8 +63,6 @@ class MemoryStore:
     async def open(
         self, hub: EventHub, task_group: TaskGroup, *, result_ttl: float, max_results: int
     ) -> None:
-        self._publish = hub.publish
-        self._publish_final = hub.publish_final
         self._hub = hub
         self.result_ttl = result_ttl
         self.max_results = max_results
@@ -106,7 +102,7 @@ class MemoryStore:
             self._finish(record)
         elif not self._hub.watched:
             return  # nobody follows non-final changes (see EventHub.watched)
-        self._publish(record)
+        self._hub.publish(record)
 
     async def insert_if_absent(self, record: TaskRecord) -> bool:
         if record.id in self._records:
@@ -139,7 +135,7 @@ class MemoryStore:
         elif self._kept and task_id in self._kept and not record.delivery.open:  # type: ignore[union-attr]
             self._kept.discard(task_id)
             self._finish(record)
-        self._publish(record)
+        self._hub.publish(record)
         return record
 
     # The two writes every task makes, without building keyword arguments: the in-process
@@ -156,7 +152,7 @@ class MemoryStore:
         record.started_at = started_at
         record.attempts = expect_attempts + 1
         if self._hub.watched:
-            self._publish(record)
+            self._hub.publish(record)
         return record
 
     def mark_succeeded(
@@ -187,7 +183,7 @@ class MemoryStore:
             self._arm()
         hub = self._hub  # publish only if it reaches someone (see EventHub.finals_wanted)
         if hub.finals_wanted or record.callback is not None or task_id in hub.waiters:
-            self._publish_final(record)
+            hub.publish_final(record)
         return record
 
     def _finish(self, record: TaskRecord) -> None:
@@ -326,16 +322,17 @@ _LONG_AGO = datetime.min.replace(tzinfo=utcnow().tzinfo)
 _TTL_CAP = 1000 * 365 * 86400.0  # "never", within what datetime arithmetic can hold
 
 
-def _not_open(record: TaskRecord) -> None:
-    raise RuntimeError("the store is not open")
-
-
 class _NotOpen:
     """The hub's place before `open()`: watched, so every write publishes, and fails."""
 
     watched = True
     finals_wanted = True
     waiters: Mapping[str, Any] = MappingProxyType({})
+
+    def publish(self, record: TaskRecord) -> None:
+        raise RuntimeError("the store is not open")
+
+    publish_final = publish
 
 
 _NOT_OPEN = _NotOpen()
